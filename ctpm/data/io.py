@@ -1,0 +1,350 @@
+"""Image I/O: NIfTI files and DICOM series into one in-memory form, a `Volume`.
+
+A `Volume` is a 3-D array plus a 4x4 affine that maps voxel indices (i, j, k) to world RAS
+coordinates in mm (x to the patient's Left, y to Anterior, z to Superior), the NIfTI convention.
+DICOM positions are LPS; they are converted on reading.
+
+MONAI's own readers (``LoadImage`` with ``PydicomReader``/``NibabelReader``) would read most of these
+files too, but they neither check what the project needs (one series per folder, HU values, a
+3-D volume, no NaN in SPECT) nor name the patient and file when something is wrong, so reading is
+written here and wrapped as a MONAI transform in ``ctpm.data.transforms``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from ctpm.errors import CtpmError
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+KINDS = ("ct", "spect", "label", "dose", "perfusion")
+
+
+@dataclass
+class Volume:
+    """A 3-D image on a grid in world space.
+
+    array: (I, J, K) voxel values (HU for CT, counts or relative perfusion for SPECT, integers for labels).
+    affine: 4x4, voxel index -> world RAS mm.
+    meta: what is known about where it came from (modality, DICOM UIDs); never patient identity.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along i, j, k."""
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    def world_corners(self) -> np.ndarray:
+        """World coordinates (8 x 3) of the centres of the grid's corner voxels."""
+        idx = np.array(np.meshgrid(*[[0, s - 1] for s in self.shape], indexing="ij")).reshape(3, -1)
+        return (self.affine[:3, :3] @ idx + self.affine[:3, 3:4]).T
+
+    def world_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Axis-aligned world box (min, max) spanned by the voxel centres."""
+        c = self.world_corners()
+        return c.min(0), c.max(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+def load_image(path: str | Path, *, kind: str = "ct", patient: str | None = None) -> Volume:
+    """Read a NIfTI file or a folder (or single file) of one DICOM series and check it.
+
+    kind: "ct" (values must be HU), "spect" (finite, not negative), "label" (integers),
+    "dose" (Gy, finite) or "perfusion" (finite). Errors name the patient and the file.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    path = Path(path)
+    try:
+        if not path.exists():
+            raise CtpmError("file does not exist")
+        if path.is_dir():
+            vol = read_dicom_series(path)
+        elif path.name.endswith((".nii", ".nii.gz", ".img", ".hdr")):
+            vol = read_nifti(path)
+        else:
+            vol = read_dicom_series(path)
+        check_volume(vol, kind)
+    except CtpmError as err:
+        raise err.with_context(patient=patient, path=path) from None
+    vol.meta.setdefault("source", str(path))
+    return vol
+
+
+def read_nifti(path: Path) -> Volume:
+    try:
+        img = nib.load(str(path))
+        data = img.get_fdata(dtype=np.float32, caching="unchanged")
+    except Exception as exc:  # nibabel raises many types for truncated / corrupt files
+        raise CtpmError(f"cannot read the NIfTI image ({type(exc).__name__}: {exc})") from None
+    data = _as_3d(np.asarray(data))
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise CtpmError("the NIfTI header has no valid affine (voxel size or orientation missing)")
+    return Volume(data, affine, {"format": "nifti"})
+
+
+def _as_3d(data: np.ndarray) -> np.ndarray:
+    """Accept (I, J, K) and (I, J, K, 1, ...); refuse 2-D images and 4-D series."""
+    if data.ndim > 3:
+        extra = data.shape[3:]
+        if int(np.prod(extra)) != 1:
+            raise CtpmError(
+                f"image is {data.ndim}-D with shape {data.shape}; a single 3-D volume is expected "
+                "(split a 4-D series and give one volume)"
+            )
+        data = data.reshape(data.shape[:3])
+    if data.ndim < 3 or min(data.shape) < 2:
+        raise CtpmError(f"image has shape {data.shape}; a 3-D volume is expected, not a 2-D image")
+    return data
+
+
+def check_volume(vol: Volume, kind: str) -> None:
+    """Refuse images that would silently give wrong maps."""
+    a = vol.array
+    if a.size == 0:
+        raise CtpmError("image is empty")
+    if kind in ("ct", "label", "dose", "perfusion") and not np.all(np.isfinite(a)):
+        raise CtpmError(f"{kind} image holds NaN or infinite values")
+    if kind == "ct":
+        # A chest CT in HU has air around the body near -1000 HU. Stored values without the
+        # rescale (e.g. 0..4095) or another unit show no such air.
+        sample = a[::4, ::4, ::2] if a.size > 2_000_000 else a
+        p1 = float(np.percentile(sample, 1))
+        lo, hi = float(a.min()), float(a.max())
+        if p1 > -500.0 or lo < -4000 or hi > 40000:
+            raise CtpmError(
+                f"CT values do not look like Hounsfield units (range {lo:.0f}..{hi:.0f}, "
+                f"1st percentile {p1:.0f}; air should be near -1000 HU). Apply the DICOM rescale "
+                "slope/intercept or convert the image to HU"
+            )
+    elif kind == "spect":
+        if not np.all(np.isfinite(a)):
+            raise CtpmError("SPECT holds NaN or infinite values")
+        hi, lo = float(a.max()), float(a.min())
+        if hi <= 0:
+            raise CtpmError("SPECT has no positive counts")
+        # Reconstructions are non-negative; a few tiny negatives from filtered back-projection are
+        # tolerated (clipped), anything larger means the image is not a perfusion scan as expected.
+        if lo < -0.01 * hi:
+            raise CtpmError(f"SPECT holds negative values (min {lo:.4g}, max {hi:.4g})")
+        if lo < 0:
+            np.clip(a, 0, None, out=a)
+    elif kind == "label":
+        if not np.allclose(a, np.round(a)):
+            raise CtpmError("label image holds non-integer values")
+        if a.min() < 0:
+            raise CtpmError("label image holds negative labels")
+
+
+# --------------------------------------------------------------------------------------------------
+# DICOM
+# --------------------------------------------------------------------------------------------------
+
+# Attributes that identify a person; never copied into the project's outputs.
+IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "PatientAddress")
+
+
+def read_dicom_series(path: Path) -> Volume:
+    """Read one DICOM image series (CT, NM/SPECT, PT, MR) from a folder or a single file."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    series: dict[str, list[tuple[Path, Any]]] = {}
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, EOFError, ValueError):
+            continue  # not a DICOM file (a README, a licence): ignore it
+        except Exception:  # noqa: BLE001 - a damaged header: also not part of a readable series
+            continue
+        if "SeriesInstanceUID" not in ds or "Rows" not in ds:
+            continue  # DICOMDIR, structured reports, RT objects: not images
+        series.setdefault(str(ds.SeriesInstanceUID), []).append((f, ds))
+    if not series:
+        raise CtpmError("no DICOM image series found")
+    if len(series) > 1:
+        desc = "; ".join(
+            f"{items[0][1].get('Modality', '?')} '{items[0][1].get('SeriesDescription', '')}' "
+            f"({len(items)} files)"
+            for items in series.values()
+        )
+        raise CtpmError(
+            f"folder holds {len(series)} DICOM series ({desc}); give a folder with exactly one series"
+        )
+    (uid, items), = series.items()
+    if len(items) == 1 and int(items[0][1].get("NumberOfFrames", 1) or 1) > 1:
+        return _read_multiframe(items[0][0])
+    return _read_slices(items, uid)
+
+
+def _read_pixels(f: Path):
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(f)
+        return ds, ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - truncated or compressed without a decoder
+        raise CtpmError(f"cannot read DICOM pixel data ({type(exc).__name__}: {exc})", path=f) from None
+
+
+def _rescale(ds, pixels: np.ndarray) -> np.ndarray:
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    out = pixels.astype(np.float32)
+    if slope != 1.0:
+        out *= slope
+    if intercept != 0.0:
+        out += intercept
+    return out
+
+
+def _series_meta(ds, uid: str) -> dict[str, Any]:
+    return {
+        "format": "dicom",
+        "modality": str(ds.get("Modality", "")),
+        "series_instance_uid": uid,
+        "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
+        "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", "")),
+        "series_description": str(ds.get("SeriesDescription", "")),
+    }
+
+
+def _read_slices(items: list[tuple[Path, Any]], uid: str) -> Volume:
+    first = items[0][1]
+    if "ImageOrientationPatient" not in first or "ImagePositionPatient" not in first:
+        raise CtpmError("DICOM slices carry no ImagePositionPatient/ImageOrientationPatient", path=items[0][0])
+    iop = np.array([float(v) for v in first.ImageOrientationPatient])
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in items])
+    order = np.argsort(positions @ normal, kind="stable")
+    items = [items[i] for i in order]
+    positions = positions[order]
+    dist = positions @ normal
+    if len(items) < 2:
+        raise CtpmError("DICOM series has a single slice; a 3-D volume is expected", path=items[0][0])
+    steps = np.diff(dist)
+    if np.any(np.abs(steps) < 1e-3):
+        raise CtpmError(
+            "DICOM series has two slices at the same position (several acquisitions in one series?)",
+            path=items[int(np.argmin(np.abs(steps)))][0],
+        )
+    med = float(np.median(steps))
+    if np.max(np.abs(steps - med)) > 0.1 * abs(med) + 1e-3:
+        gap = int(np.argmax(np.abs(steps - med)))
+        raise CtpmError(
+            f"DICOM slices are not evenly spaced (step {steps[gap]:.2f} mm where {med:.2f} mm is "
+            "usual): missing slices?",
+            path=items[gap + 1][0],
+        )
+    rows, cols = int(first.Rows), int(first.Columns)
+    vol = np.empty((cols, rows, len(items)), dtype=np.float32)
+    sop_uids = []
+    for k, (f, _) in enumerate(items):
+        ds, px = _read_pixels(f)
+        if px.shape != (rows, cols):
+            raise CtpmError(f"slice has {px.shape} pixels where the series has {(rows, cols)}", path=f)
+        vol[:, :, k] = _rescale(ds, px).T  # (row, col) -> (i = col, j = row)
+        sop_uids.append(str(ds.get("SOPInstanceUID", "")))
+    dr, dc = (float(v) for v in first.PixelSpacing)  # spacing between rows, between columns
+    slice_vec = (positions[-1] - positions[0]) / (len(items) - 1)
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * dc
+    lps[:3, 1] = col_dir * dr
+    lps[:3, 2] = slice_vec
+    lps[:3, 3] = positions[0]
+    meta = _series_meta(first, uid)
+    meta.update(
+        sop_instance_uids=sop_uids,
+        sop_class_uid=str(first.get("SOPClassUID", "")),
+        files=[str(f) for f, _ in items],
+    )
+    return Volume(vol, LPS_TO_RAS @ lps, meta)
+
+
+def _read_multiframe(f: Path) -> Volume:
+    """A single multi-frame file, as NM (SPECT) reconstructions are usually stored."""
+    ds, px = _read_pixels(f)
+    if px.ndim != 3:
+        raise CtpmError(f"multi-frame DICOM has pixel array of shape {px.shape}", path=f)
+    src = ds
+    if "ImagePositionPatient" not in ds and "DetectorInformationSequence" in ds:
+        src = ds.DetectorInformationSequence[0]  # NM image IOD keeps the geometry here
+    if "ImageOrientationPatient" not in src or "ImagePositionPatient" not in src:
+        raise CtpmError("multi-frame DICOM carries no ImagePositionPatient/ImageOrientationPatient", path=f)
+    iop = np.array([float(v) for v in src.ImageOrientationPatient])
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    ipp = np.array([float(v) for v in src.ImagePositionPatient])
+    dr, dc = (float(v) for v in ds.PixelSpacing)
+    step = float(ds.get("SpacingBetweenSlices", 0) or ds.get("SliceThickness", 0) or 0)
+    if step == 0:
+        raise CtpmError("multi-frame DICOM gives neither SpacingBetweenSlices nor SliceThickness", path=f)
+    # Frames run along +normal unless the producer said otherwise (negative spacing).
+    vol = np.ascontiguousarray(np.transpose(_rescale(ds, px), (2, 1, 0)))  # (frame,row,col) -> (col,row,frame)
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * dc
+    lps[:3, 1] = col_dir * dr
+    lps[:3, 2] = normal * step
+    lps[:3, 3] = ipp
+    meta = _series_meta(ds, str(ds.SeriesInstanceUID))
+    meta.update(sop_instance_uids=[str(ds.get("SOPInstanceUID", ""))], files=[str(f)])
+    return Volume(vol, LPS_TO_RAS @ lps, meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype=np.float32) -> Path:
+    """Write a NIfTI file atomically: a killed run never leaves a truncated file under the name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.asarray(array).astype(dtype, copy=False), np.asarray(affine, dtype=np.float64))
+    img.header.set_xyzt_units("mm")
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        if suffix == ".nii.gz":
+            # Level 1 compresses CT-like data nearly as well as the default 9 at a fraction of the time.
+            # mtime=0: the same image gives the same bytes (reproducible cohorts and caches).
+            raw = img.to_bytes()
+            with open(tmp, "wb") as fh, gzip.GzipFile(filename="", fileobj=fh, mode="wb", compresslevel=1, mtime=0) as gz:
+                gz.write(raw)
+        else:
+            nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_volume(vol: Volume, path: str | Path, dtype=np.float32) -> Path:
+    return save_nifti(vol.array, vol.affine, path, dtype=dtype)

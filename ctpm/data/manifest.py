@@ -1,0 +1,176 @@
+"""The cohort manifest: one CSV row per patient, validated on load.
+
+Columns (design card): ``patient_id, cohort, institution, ct, spect`` and the optional
+``lung_mask, lobes, tumor_diameter_mm``; synthetic cohorts add ``perfusion`` (the truth) and
+``dose``. Paths are relative to the manifest's folder; ``ct`` and ``spect`` are a NIfTI file or a
+folder holding one DICOM series.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ctpm.errors import CtpmError
+
+REQUIRED = ("patient_id", "cohort", "institution", "ct", "spect")
+OPTIONAL_PATHS = ("lung_mask", "lobes", "perfusion", "dose")
+OPTIONAL = OPTIONAL_PATHS + ("tumor_diameter_mm",)
+COHORTS = ("noncancer", "cancer")
+# Patient ids become file names of outputs: keep them to characters that are safe everywhere.
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class Patient:
+    patient_id: str
+    cohort: str
+    institution: str
+    ct: Path
+    spect: Path | None
+    lung_mask: Path | None = None
+    lobes: Path | None = None
+    perfusion: Path | None = None
+    dose: Path | None = None
+    tumor_diameter_mm: float | None = None
+    row: int = 0
+
+
+@dataclass
+class Manifest:
+    path: Path
+    patients: list[Patient] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.patients)
+
+    def __iter__(self):
+        return iter(self.patients)
+
+    def ids(self) -> list[str]:
+        return [p.patient_id for p in self.patients]
+
+    def cohort(self, name: str) -> list[Patient]:
+        return [p for p in self.patients if p.cohort == name]
+
+    def by_id(self) -> dict[str, Patient]:
+        return {p.patient_id: p for p in self.patients}
+
+
+def load_manifest(path: str | Path, *, require_spect: bool = True, cohort: str | None = None) -> Manifest:
+    """Read and validate a manifest. Every problem is reported with its row and patient id.
+
+    require_spect: False for prediction, where only the CT is needed.
+    cohort: keep only this cohort's rows (after validating the whole file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CtpmError("manifest does not exist", path=path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CtpmError(f"cannot read the manifest ({exc})", path=path) from None
+    if not text.strip():
+        raise CtpmError("manifest is empty", path=path)
+    reader = csv.DictReader(text.splitlines())
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in REQUIRED if c not in header]
+    if missing:
+        raise CtpmError(
+            f"manifest lacks the column(s) {', '.join(missing)}; required: {', '.join(REQUIRED)}", path=path
+        )
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        raise CtpmError(f"manifest repeats the column(s) {', '.join(dupes)}", path=path)
+    root = path.parent
+    patients: list[Patient] = []
+    seen: dict[str, int] = {}
+    for n, raw in enumerate(reader, start=2):  # row 1 is the header
+        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+        if not any(row.values()):
+            continue  # a blank line
+        pid = row.get("patient_id", "")
+
+        def fail(msg: str, _n=n, _pid=pid) -> CtpmError:
+            who = f"row {_n}" + (f" (patient {_pid})" if _pid else "")
+            return CtpmError(f"{who}: {msg}", path=path)
+
+        if None in raw:  # more fields than the header has
+            raise fail("has more fields than the header")
+        if not pid:
+            raise fail("patient_id is empty")
+        if not _SAFE_ID.match(pid):
+            raise fail(
+                f"patient_id {pid!r} may only hold letters, digits, '.', '_' and '-' (it names output files)"
+            )
+        if pid in seen:
+            raise fail(f"duplicate patient_id {pid!r} (also in row {seen[pid]})")
+        seen[pid] = n
+        cohort_value = row.get("cohort", "")
+        if cohort_value not in COHORTS:
+            raise fail(f"unknown cohort {cohort_value!r}; expected one of {', '.join(COHORTS)}")
+        institution = row.get("institution", "")
+        if not institution:
+            raise fail("institution is empty")
+
+        def resolve(column: str, required: bool) -> Path | None:
+            value = row.get(column, "")
+            if not value:
+                if required:
+                    raise fail(f"column {column!r} is empty")
+                return None
+            p = Path(value)
+            p = p if p.is_absolute() else (root / p)
+            if not p.exists():
+                raise fail(f"column {column!r}: file does not exist: {p}")
+            return p
+
+        diameter = row.get("tumor_diameter_mm", "")
+        try:
+            diameter_mm = float(diameter) if diameter else None
+        except ValueError:
+            raise fail(f"tumor_diameter_mm {diameter!r} is not a number") from None
+        if diameter_mm is not None and (not math.isfinite(diameter_mm) or diameter_mm < 0):
+            raise fail(f"tumor_diameter_mm {diameter!r} must be a non-negative number")
+        patients.append(
+            Patient(
+                patient_id=pid,
+                cohort=cohort_value,
+                institution=institution,
+                ct=resolve("ct", True),  # type: ignore[arg-type]
+                spect=resolve("spect", require_spect),
+                lung_mask=resolve("lung_mask", False),
+                lobes=resolve("lobes", False),
+                perfusion=resolve("perfusion", False),
+                dose=resolve("dose", False),
+                tumor_diameter_mm=diameter_mm,
+                row=n,
+            )
+        )
+    if not patients:
+        raise CtpmError("manifest has a header but no patients", path=path)
+    manifest = Manifest(path=path, patients=patients)
+    if cohort is not None:
+        if cohort not in COHORTS:
+            raise CtpmError(f"unknown cohort {cohort!r}; expected one of {', '.join(COHORTS)}")
+        manifest.patients = manifest.cohort(cohort)
+        if not manifest.patients:
+            raise CtpmError(f"manifest has no patients of cohort {cohort!r}", path=path)
+    return manifest
+
+
+def write_manifest(path: str | Path, rows: list[dict]) -> Path:
+    """Write a manifest CSV (paths as given: relative to the manifest's folder)."""
+    path = Path(path)
+    columns = list(REQUIRED) + [c for c in OPTIONAL if any(c in r for r in rows)]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({c: r.get(c, "") for c in columns})
+    tmp.replace(path)
+    return path

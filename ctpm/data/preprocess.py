@@ -1,0 +1,198 @@
+"""One patient through the preprocessing (forward) and a prediction back to CT geometry (inverse)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Invertd, SpatialResample
+
+from ctpm.data.manifest import Patient
+from ctpm.data.transforms import (
+    IMAGE_KEYS,
+    PreprocessConfig,
+    SplitLungsd,
+    grid_stage,
+    lung_stage,
+    ops_from_json,
+    ops_to_json,
+    with_history,
+)
+from ctpm.errors import CtpmError
+
+
+@dataclass
+class Preprocessed:
+    """What the network sees of one patient, and what it takes to put a prediction back.
+
+    Per-lung arrays are stacked over `sides` (["right", "left"], or one side after pneumonectomy),
+    each (S, D, H, W) at roi_size. `grid_*` describe the evaluation grid (isotropic, cropped to the
+    lungs) and `ct_*` the original CT grid.
+    """
+
+    patient_id: str
+    sides: list[str]
+    ct: np.ndarray
+    lung: np.ndarray
+    mask: np.ndarray
+    spect: np.ndarray | None
+    lung_ops: dict[str, list]
+    grid_lungs: np.ndarray
+    grid_affine: np.ndarray
+    ct_shape: tuple[int, int, int]
+    ct_affine: np.ndarray
+    spect_percentile: float | None = None
+    grid_spect: np.ndarray | None = None
+    grid_mask: np.ndarray | None = None
+    grid_ct: np.ndarray | None = None
+    dicom: dict[str, Any] = field(default_factory=dict)
+
+
+def patient_inputs(patient: Patient | dict, *, with_spect: bool = True) -> dict[str, Any]:
+    if isinstance(patient, Patient):
+        d = {"patient_id": patient.patient_id, "ct": patient.ct}
+        if with_spect:
+            if patient.spect is None:
+                raise CtpmError("has no SPECT in the manifest", patient=patient.patient_id)
+            d["spect"] = patient.spect
+        if patient.lung_mask is not None:
+            d["lung_mask"] = patient.lung_mask
+        return d
+    d = dict(patient)
+    if not with_spect:
+        d.pop("spect", None)
+    return d
+
+
+def preprocess_patient(patient: Patient | dict, cfg: PreprocessConfig | dict | None = None, *,
+                       with_spect: bool = True, keep_grid: bool = False) -> Preprocessed:
+    """Run the forward transforms. keep_grid: also return the CT, SPECT and evaluation mask on the
+    evaluation grid (for the roundtrip check and the evaluation)."""
+    cfg = PreprocessConfig.from_any(cfg)
+    data = patient_inputs(patient, with_spect=with_spect)
+    pid = str(data.get("patient_id", "?"))
+    d = grid_stage(cfg, with_spect=with_spect)(data)
+    ct_grid = d["ct"]
+    original = _original_geometry(ct_grid)
+    keys = ["ct", "mask"] + (["spect"] if with_spect else [])
+    d = SplitLungsd(keys)(d)
+    sides = list(d["sides"])
+    if not sides:
+        raise CtpmError("no lung left after segmentation", patient=pid)
+    for side in sides:
+        d = lung_stage(cfg, side, keys)(d)
+
+    def stack(key, dtype):
+        return np.stack([d[f"{key}_{s}"][0].numpy() for s in sides]).astype(dtype)
+
+    return Preprocessed(
+        patient_id=pid,
+        sides=sides,
+        ct=stack("ct", np.float32),
+        lung=(stack("lung", np.float32) > 0.5).astype(np.uint8),
+        mask=(stack("mask", np.float32) > 0.5).astype(np.uint8),
+        spect=stack("spect", np.float32) if with_spect else None,
+        # portable: JSON-safe, object ids cleared, so another process (or a cache) can invert them
+        lung_ops={s: ops_from_json(ops_to_json(d[f"ct_{s}"].applied_operations)) for s in sides},
+        grid_lungs=d["lungs"][0].numpy().astype(np.uint8),
+        grid_affine=ct_grid.affine.numpy().copy(),
+        ct_shape=original[0],
+        ct_affine=original[1],
+        spect_percentile=d.get("spect_percentile"),
+        grid_spect=d["spect"][0].numpy() if (keep_grid and with_spect) else None,
+        grid_mask=d["mask"][0].numpy().astype(np.uint8) if keep_grid else None,
+        grid_ct=ct_grid[0].numpy() if keep_grid else None,
+        dicom=d.get("ct_dicom", {}),
+    )
+
+
+def _original_geometry(img: MetaTensor) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Shape and affine of the CT as read, from the first recorded operation (Orientation)."""
+    ops = img.applied_operations
+    first = ops[0]
+    shape = tuple(int(v) for v in first["orig_size"])
+    affine = np.asarray(first["extra_info"]["original_affine"], dtype=np.float64)
+    return shape, affine  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------
+# Inverse
+# --------------------------------------------------------------------------------------------------
+
+
+def restore_to_grid(roi: dict[str, np.ndarray], lung_ops: dict[str, list], grid_lungs: np.ndarray,
+                    cfg: PreprocessConfig | dict | None = None) -> np.ndarray:
+    """Per-lung maps at roi_size -> one map on the evaluation grid, with MONAI's ``Invertd``
+    (trilinear, not nearest: perfusion is continuous). Each voxel of a lung takes its own lung's
+    prediction; voxels outside the lungs are 0."""
+    cfg = PreprocessConfig.from_any(cfg)
+    out = np.zeros(grid_lungs.shape, np.float32)
+    from ctpm.data.lungs import LEFT, RIGHT
+
+    for side, value in (("right", RIGHT), ("left", LEFT)):
+        if side not in roi:
+            continue
+        stage = lung_stage(cfg, side, IMAGE_KEYS)
+        ref = with_history(np.zeros((1, 1, 1, 1), np.float32), np.eye(4), lung_ops[side])
+        inv = Invertd(keys="pred", transform=stage, orig_keys=f"ct_{side}", nearest_interp=False)
+        pred = torch.as_tensor(np.asarray(roi[side], np.float32))
+        pred = pred[None] if pred.ndim == 3 else pred
+        back = inv({"pred": MetaTensor(pred), f"ct_{side}": ref})["pred"]
+        arr = back[0].numpy()
+        if arr.shape != grid_lungs.shape:
+            raise RuntimeError(f"inverse gave {arr.shape}, evaluation grid is {grid_lungs.shape}")
+        sel = grid_lungs == value
+        out[sel] = arr[sel]
+    return out
+
+
+def resample_to_grid(array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape,
+                     mode: str = "bilinear") -> np.ndarray:
+    """Resample `array` (on src_affine) onto a destination grid in world coordinates, only over the
+    part of the destination that the source covers (zeros elsewhere). MONAI's SpatialResample does
+    the interpolation; restricting it to the source's box is what makes restoring a lung-sized map
+    onto a 512 x 512 x N CT grid take a fraction of a second."""
+    return _resample_channels(np.asarray(array, np.float32)[None], src_affine, dst_affine, dst_shape, mode)[0]
+
+
+def restore_to_ct(grid_map: np.ndarray, grid_lungs: np.ndarray, grid_affine: np.ndarray,
+                  ct_affine: np.ndarray, ct_shape) -> np.ndarray:
+    """A map on the evaluation grid -> the original CT grid (linear). Interpolation is normalised
+    by the lung mask, so lung voxels at the boundary are not pulled towards the 0 outside."""
+    m = (grid_lungs > 0).astype(np.float32)
+    both = np.stack([grid_map * m, m])
+    back = _resample_channels(both, grid_affine, ct_affine, ct_shape, "bilinear")
+    num, den = back[0], back[1]
+    out = np.zeros_like(num)
+    inside = den >= 0.5
+    out[inside] = num[inside] / den[inside]
+    return out
+
+
+def labels_to_ct(grid_labels: np.ndarray, grid_affine: np.ndarray, ct_affine: np.ndarray, ct_shape) -> np.ndarray:
+    return np.rint(resample_to_grid(grid_labels.astype(np.float32), grid_affine, ct_affine, ct_shape, "nearest")).astype(np.uint8)
+
+
+def _resample_channels(arr: np.ndarray, src_aff, dst_aff, dst_shape, mode) -> np.ndarray:
+    """(C, I, J, K) on src_aff -> (C, *dst_shape) on dst_aff, computed over the source's box only."""
+    src_shape = np.asarray(arr.shape[-3:])
+    corners = np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in src_shape], indexing="ij")).reshape(3, -1)
+    world = src_aff[:3, :3] @ corners + src_aff[:3, 3:4]
+    inv = np.linalg.inv(dst_aff)
+    idx = inv[:3, :3] @ world + inv[:3, 3:4]
+    lo = np.maximum(np.floor(idx.min(1)).astype(int) - 1, 0)
+    hi = np.minimum(np.ceil(idx.max(1)).astype(int) + 2, np.asarray(dst_shape))
+    out = np.zeros((arr.shape[0],) + tuple(int(s) for s in dst_shape), np.float32)
+    if np.any(hi <= lo):
+        return out
+    sub_aff = dst_aff.copy()
+    sub_aff[:3, 3] = dst_aff[:3, :3] @ lo + dst_aff[:3, 3]
+    img = MetaTensor(torch.as_tensor(arr, dtype=torch.float32), affine=torch.as_tensor(src_aff, dtype=torch.float64))
+    res = SpatialResample(mode=mode, padding_mode="zeros", dtype=torch.float32)(
+        img, dst_affine=torch.as_tensor(sub_aff, dtype=torch.float64), spatial_size=tuple(int(v) for v in hi - lo)
+    )
+    out[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = res.numpy()
+    return out

@@ -1,0 +1,471 @@
+"""The paper's preprocessing (Fig. 1B) as MONAI dictionary transforms, and its inverse.
+
+Forward, per patient (keys in brackets):
+
+    grid stage    LoadVolumed [ct, spect, lung_mask]  ->  Orientationd RAS
+                  ->  Spacingd to the isotropic grid of the CT (1 mm)  [ct, lung_mask]
+                  ->  SegmentLungsd [ct -> lungs]  (or the manifest's lung_mask)
+                  ->  CropForegroundd to the lungs  [ct, lungs]
+                  ->  CheckOverlapd, ResampleToMatchd [spect -> grid of ct]   (world coordinates)
+                  ->  EvaluationMaskd [mask = lungs within HU -1000..-300]
+                  ->  StandardiseSpectd [spect / 75th percentile in mask, clipped to 1]
+    lung stage    SplitLungsd -> per side s: CropForegroundd to lung s -> Transposed to (z, y, x)
+                  ->  Resized to roi_size (128 x 64 x 64)  ->  Flipd (left lung mirrored, optional)
+                  ->  ScaleIntensityRanged (CT enhancement: HU window -> [0, 1])
+
+The geometric steps are MONAI invertible transforms; ``Invertd`` takes a per-lung prediction
+back through the lung stage onto the 1 mm grid, the two lungs are recombined there, and a second
+``Invertd`` takes the map back through the grid stage onto the original CT grid (linear
+interpolation for perfusion, nearest for labels). Intensity steps are not inverted: perfusion
+maps stay standardised (1.0 = normal-functioning lung), as the design card fixes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    Flipd,
+    MapTransform,
+    Orientationd,
+    ResampleToMatchd,
+    Resized,
+    ScaleIntensityRanged,
+    Spacingd,
+    Transposed,
+)
+from monai.utils import TraceKeys
+
+from ctpm.data.io import Volume, load_image
+from ctpm.data.lungs import LEFT, RIGHT, LungSegmentationConfig, evaluation_mask, segment_lungs, _split_touching
+from ctpm.errors import CtpmError
+
+SIDES = {"right": RIGHT, "left": LEFT}
+
+
+@dataclass
+class PreprocessConfig:
+    """The preprocessing parameters; their hash keys the cache."""
+
+    spacing: Sequence[float] = (1.0, 1.0, 1.0)  # mm, the evaluation grid of the paper
+    roi_size: Sequence[int] = (128, 64, 64)  # per lung, (superior-inferior, anterior-posterior, left-right)
+    hu_window: Sequence[float] = (-1000.0, 0.0)  # CT enhancement: this HU window -> [0, 1]
+    eval_hu_range: Sequence[float] = (-1000.0, -300.0)  # the evaluation mask (tumour and vessels out)
+    spect_percentile: float = 75.0  # SPECT standardisation: divide by this percentile in the mask ...
+    spect_clip: float = 1.0  # ... and clip to this
+    mirror_left: bool = True  # left lungs flipped to the right lung's orientation
+    lung_backend: str = "classical"  # classical | lungmask
+    lungmask_weights: str | None = None
+    lung: dict = field(default_factory=dict)  # LungSegmentationConfig overrides
+
+    @classmethod
+    def from_any(cls, cfg: Any) -> "PreprocessConfig":
+        if isinstance(cfg, cls):
+            return cfg
+        if cfg is None:
+            return cls()
+        try:
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(cfg, DictConfig):
+                cfg = OmegaConf.to_container(cfg, resolve=True)
+        except ImportError:  # pragma: no cover
+            pass
+        known = {k: v for k, v in dict(cfg).items() if k in cls.__dataclass_fields__}
+        unknown = sorted(set(dict(cfg)) - set(known))
+        if unknown:
+            raise CtpmError(f"unknown preprocessing option(s): {', '.join(unknown)}")
+        return cls(**known)
+
+    def to_dict(self) -> dict:
+        return {
+            "spacing": [float(v) for v in self.spacing],
+            "roi_size": [int(v) for v in self.roi_size],
+            "hu_window": [float(v) for v in self.hu_window],
+            "eval_hu_range": [float(v) for v in self.eval_hu_range],
+            "spect_percentile": float(self.spect_percentile),
+            "spect_clip": float(self.spect_clip),
+            "mirror_left": bool(self.mirror_left),
+            "lung_backend": self.lung_backend,
+            "lungmask_weights": self.lungmask_weights,
+            "lung": dict(sorted(self.lung.items())),
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom dictionary transforms (what MONAI does not have)
+# --------------------------------------------------------------------------------------------------
+
+
+def volume_to_metatensor(vol: Volume, source: str | None = None) -> MetaTensor:
+    t = torch.from_numpy(np.ascontiguousarray(vol.array, dtype=np.float32))[None]
+    meta = {"filename_or_obj": source or vol.meta.get("source", "")}
+    return MetaTensor(t, affine=torch.as_tensor(vol.affine, dtype=torch.float64), meta=meta)
+
+
+class LoadVolumed(MapTransform):
+    """Read each key's path with ``ctpm.data.io.load_image`` (NIfTI or DICOM series, checked) into
+    a channel-first MetaTensor. ``kinds`` maps keys to image kinds (ct, spect, label)."""
+
+    def __init__(self, keys, kinds: Mapping[str, str], allow_missing_keys: bool = True):
+        super().__init__(keys, allow_missing_keys)
+        self.kinds = dict(kinds)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            value = d[key]
+            if value is None or isinstance(value, MetaTensor):
+                continue
+            if isinstance(value, Volume):
+                d[key] = volume_to_metatensor(value)
+                continue
+            vol = load_image(value, kind=self.kinds.get(key, "ct"), patient=d.get("patient_id"))
+            if key == "ct":
+                d["ct_dicom"] = {k: v for k, v in vol.meta.items() if k != "files"}
+            d[key] = volume_to_metatensor(vol, str(value))
+        for key in list(d):
+            if d[key] is None:
+                del d[key]
+        return d
+
+
+class SegmentLungsd(MapTransform):
+    """Right (1) / left (2) lung labels of the CT into ``lungs``, a copy of the CT's geometry (so the
+    same inverse applies). A given ``lung_mask`` (manifest column) is used instead: binary masks are
+    split into right and left, 1/2 label maps kept."""
+
+    def __init__(self, ct_key: str = "ct", out_key: str = "lungs", mask_key: str = "lung_mask",
+                 backend: str = "classical", lungmask_weights: str | None = None, lung: dict | None = None):
+        super().__init__([ct_key])
+        self.ct_key, self.out_key, self.mask_key = ct_key, out_key, mask_key
+        self.backend, self.weights = backend, lungmask_weights
+        self.lung_cfg = LungSegmentationConfig(**(lung or {}))
+
+    def __call__(self, data):
+        d = dict(data)
+        ct = d[self.ct_key]
+        spacing = np.asarray(ct.pixdim, float)[:3]
+        pid = d.get("patient_id")
+        if self.mask_key in d:
+            given = np.rint(d.pop(self.mask_key)[0].numpy()).astype(np.uint8)
+            if given.shape != tuple(ct.shape[1:]):
+                raise CtpmError(
+                    f"lung_mask has shape {given.shape}, the CT {tuple(ct.shape[1:])}: it must be on the CT's grid",
+                    patient=pid,
+                )
+            labels = _labels_from_mask(given, spacing, pid)
+        else:
+            labels = segment_lungs(ct[0].numpy(), spacing, backend=self.backend, patient=pid,
+                                   lungmask_weights=self.weights, config=self.lung_cfg)
+        onehot = np.stack([labels == RIGHT, labels == LEFT]).astype(np.float32)
+        d[self.out_key] = _like(ct, torch.from_numpy(onehot))
+        return d
+
+
+class LabelsFromOneHotd(MapTransform):
+    """(2, ...) right/left membership after linear resampling -> one label channel (1 right, 2 left)."""
+
+    def __init__(self, keys):
+        super().__init__(keys)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            oh = d[key]
+            right, left = oh[0].as_tensor(), oh[1].as_tensor()
+            lab = torch.where((right >= 0.5) & (right >= left), 1.0, torch.where(left >= 0.5, 2.0, 0.0))
+            d[key] = _like(oh, lab[None])
+        return d
+
+
+def _labels_from_mask(mask: np.ndarray, spacing, pid) -> np.ndarray:
+    from ctpm.data.lungs import check_lungs
+
+    values = set(np.unique(mask).tolist())
+    if values <= {0, 1, 2} and 2 in values:
+        return check_lungs(mask, spacing, patient=pid)
+    binary = mask > 0
+    parts = _split_touching(binary, spacing)
+    from scipy import ndimage as ndi
+
+    if parts is None:
+        lab, n = ndi.label(binary)
+        sizes = np.bincount(lab.ravel())[1:]
+        order = np.argsort(sizes)[::-1]
+        parts = [lab == (i + 1) for i in order[:2] if sizes[i] > 0.2 * sizes[order[0]]]
+    labels = np.zeros(mask.shape, np.uint8)
+    if len(parts) == 2:
+        cx = [np.nonzero(p.any(axis=(1, 2)))[0].mean() for p in parts]
+        r, l = (parts[0], parts[1]) if cx[0] < cx[1] else (parts[1], parts[0])
+        labels[r], labels[l] = RIGHT, LEFT
+    elif len(parts) == 1:
+        x = np.nonzero(parts[0].any(axis=(1, 2)))[0].mean()
+        labels[parts[0]] = LEFT if x > mask.shape[0] / 2 else RIGHT
+    return check_lungs(labels, spacing, patient=pid)
+
+
+def _like(ref: MetaTensor, array: torch.Tensor) -> MetaTensor:
+    """A new image on `ref`'s grid that carries `ref`'s transform history (hence the same inverse)."""
+    out = MetaTensor(array, affine=ref.affine.clone(), meta=dict(ref.meta))
+    out.applied_operations = [dict(op) for op in ref.applied_operations]
+    return out
+
+
+class CheckOverlapd(MapTransform):
+    """Stop with a clear message when an image (SPECT) does not overlap the CT in world space."""
+
+    def __init__(self, keys, ref_key: str = "ct", min_fraction: float = 0.5, allow_missing_keys: bool = True):
+        super().__init__(keys, allow_missing_keys)
+        self.ref_key, self.min_fraction = ref_key, min_fraction
+
+    def __call__(self, data):
+        d = dict(data)
+        ref_lo, ref_hi = _world_box(d[self.ref_key])
+        for key in self.key_iterator(d):
+            lo, hi = _world_box(d[key])
+            inter = np.clip(np.minimum(hi, ref_hi) - np.maximum(lo, ref_lo), 0, None)
+            frac = float(np.prod(inter) / max(np.prod(ref_hi - ref_lo), 1e-9))
+            if frac < self.min_fraction:
+                raise CtpmError(
+                    f"{key} does not overlap the lungs of the CT in world coordinates (covers {100 * frac:.0f}% "
+                    f"of them; {key} spans {np.round(lo).tolist()}..{np.round(hi).tolist()} mm, lungs "
+                    f"{np.round(ref_lo).tolist()}..{np.round(ref_hi).tolist()} mm); is it registered to this CT?",
+                    patient=d.get("patient_id"),
+                )
+        return d
+
+
+def _world_box(img: MetaTensor) -> tuple[np.ndarray, np.ndarray]:
+    shape = np.asarray(img.shape[1:])
+    aff = img.affine.numpy()
+    corners = np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in shape], indexing="ij")).reshape(3, -1)
+    w = aff[:3, :3] @ corners + aff[:3, 3:4]
+    return w.min(1), w.max(1)
+
+
+class EvaluationMaskd(MapTransform):
+    """``mask`` = lungs within the HU range (the paper's -1000..-300: tumour and vessels out)."""
+
+    def __init__(self, ct_key="ct", lungs_key="lungs", out_key="mask", hu_range=(-1000.0, -300.0)):
+        super().__init__([ct_key])
+        self.ct_key, self.lungs_key, self.out_key, self.hu_range = ct_key, lungs_key, out_key, tuple(hu_range)
+
+    def __call__(self, data):
+        d = dict(data)
+        m = evaluation_mask(d[self.ct_key][0].numpy(), d[self.lungs_key][0].numpy(), self.hu_range)
+        d[self.out_key] = _like(d[self.ct_key], torch.from_numpy(m.astype(np.float32))[None])
+        return d
+
+
+def standardise_spect(spect: np.ndarray, mask: np.ndarray, percentile: float = 75.0, clip: float = 1.0) -> tuple[np.ndarray, float]:
+    """The paper's SPECT standardisation: divide by the 75th percentile inside the mask (close to
+    normal-functioning lung), clip to 1. Returns the map and the percentile value."""
+    values = spect[mask > 0]
+    if values.size == 0:
+        raise CtpmError("the evaluation mask is empty: no lung voxel within the HU range")
+    p = float(np.percentile(values, percentile))
+    if not p > 0:
+        raise CtpmError(f"SPECT has no counts in the lungs ({percentile:g}th percentile is {p:g}); is it registered to this CT?")
+    return np.clip(spect / p, 0.0, clip).astype(np.float32), p
+
+
+class StandardiseSpectd(MapTransform):
+    def __init__(self, keys="spect", mask_key="mask", percentile=75.0, clip=1.0, allow_missing_keys=True):
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key, self.percentile, self.clip = mask_key, percentile, clip
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            try:
+                arr, p = standardise_spect(d[key][0].numpy(), d[self.mask_key][0].numpy(), self.percentile, self.clip)
+            except CtpmError as err:
+                raise err.with_context(patient=d.get("patient_id")) from None
+            d[key] = _like(d[key], torch.from_numpy(arr)[None])
+            d[f"{key}_percentile"] = p
+        return d
+
+
+class SplitLungsd(MapTransform):
+    """Copy every image into one key per lung (``ct_right``, ``ct_left``, ...); the lung keys hold
+    that lung only. Sides without a lung (pneumonectomy) are left out."""
+
+    def __init__(self, keys: Sequence[str], lungs_key: str = "lungs"):
+        super().__init__(list(keys), allow_missing_keys=True)
+        self.lungs_key = lungs_key
+
+    def __call__(self, data):
+        d = dict(data)
+        lungs = d[self.lungs_key]
+        d["sides"] = []
+        for side, value in SIDES.items():
+            m = (lungs == value).float()
+            if not bool(m.any()):
+                continue
+            d["sides"].append(side)
+            d[f"lung_{side}"] = _like(lungs, m.as_tensor() if isinstance(m, MetaTensor) else m)
+            for key in self.key_iterator(d):
+                img = d[key]
+                value_t = img.as_tensor().clone()
+                if key == "mask":
+                    value_t = value_t * m.as_tensor()
+                d[f"{key}_{side}"] = _like(img, value_t)
+        return d
+
+
+# --------------------------------------------------------------------------------------------------
+# Composition
+# --------------------------------------------------------------------------------------------------
+
+IMAGE_KEYS = ("ct", "spect", "mask")  # per-lung images besides the lung itself
+
+
+def grid_stage(cfg: PreprocessConfig, *, with_spect: bool) -> Compose:
+    """CT (and SPECT) onto the isotropic grid of the CT, lungs, crop, evaluation mask, SPECT standardised.
+
+    The lungs are segmented on the CT's own grid and the CT is cropped to them before it is
+    resampled: the result is the same as resampling the whole field of view first, at a fraction of
+    the cost (a chest CT's field of view is 5-7 times the lungs' box). Labels are carried through
+    the resampling as one-hot channels with linear interpolation, so thick-slice CTs do not give
+    staircase lung borders on the 1 mm grid.
+    """
+    t: list = [
+        LoadVolumed(["ct", "spect", "lung_mask"], kinds={"ct": "ct", "spect": "spect", "lung_mask": "label"}),
+        Orientationd(keys=["ct", "lung_mask"], axcodes="RAS", allow_missing_keys=True),
+        SegmentLungsd(backend=cfg.lung_backend, lungmask_weights=cfg.lungmask_weights, lung=cfg.lung),
+        CropForegroundd(keys=["ct", "lungs"], source_key="lungs", margin=2, allow_smaller=True),  # 2 voxels: interpolation support
+        Spacingd(keys=["ct", "lungs"], pixdim=tuple(cfg.spacing), mode=("bilinear", "bilinear"),
+                 dtype=torch.float32),
+        LabelsFromOneHotd("lungs"),
+    ]
+    if with_spect:
+        t += [
+            CheckOverlapd(["spect"], ref_key="lungs"),
+            ResampleToMatchd(keys=["spect"], key_dst="ct", mode="bilinear", padding_mode="zeros", dtype=torch.float32),
+        ]
+    t.append(EvaluationMaskd(hu_range=cfg.eval_hu_range))
+    if with_spect:
+        t.append(StandardiseSpectd(percentile=cfg.spect_percentile, clip=cfg.spect_clip))
+    return Compose(t)
+
+
+def lung_stage(cfg: PreprocessConfig, side: str, keys: Sequence[str]) -> Compose:
+    """One lung: crop to its box, (z, y, x) order, resize to roi_size, mirror the left lung."""
+    ks = [f"{k}_{side}" for k in keys] + [f"lung_{side}"]
+    # CT: trilinear with anti-aliasing (its record is what the inverse replays, so it must be a
+    # smooth interpolator); SPECT: area averaging, the natural downsampling of counts; masks: nearest.
+    modes = ["trilinear" if k.startswith("ct_") else "area" if k.startswith("spect_") else "nearest" for k in ks]
+    t: list = [
+        CropForegroundd(keys=ks, source_key=f"lung_{side}", margin=0, allow_missing_keys=True),
+        # channel, x, y, z -> channel, z, y, x: the network sees (superior-inferior, A-P, L-R)
+        Transposed(keys=ks, indices=(0, 3, 2, 1), allow_missing_keys=True),
+        Resized(keys=ks, spatial_size=tuple(int(v) for v in cfg.roi_size), mode=modes,
+                anti_aliasing=[m == "trilinear" for m in modes], allow_missing_keys=True),
+    ]
+    if side == "left" and cfg.mirror_left:
+        t.append(Flipd(keys=ks, spatial_axis=2, allow_missing_keys=True))  # L-R mirror
+    if "ct" in keys:
+        lo, hi = cfg.hu_window
+        t.append(ScaleIntensityRanged(keys=[f"ct_{side}"], a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+    return Compose(t)
+
+
+# --------------------------------------------------------------------------------------------------
+# Transform history on disk (so that a cached prediction can be inverted in another process)
+# --------------------------------------------------------------------------------------------------
+
+
+def ops_to_json(ops: list) -> str:
+    """MONAI's ``applied_operations`` as JSON (tensors and arrays tagged, object ids dropped)."""
+    return json.dumps(_encode(ops))
+
+
+def ops_from_json(text: str) -> list:
+    ops = _decode(json.loads(text))
+    _clear_ids(ops)
+    return ops
+
+
+def _encode(x):
+    if isinstance(x, torch.Tensor):
+        return {"__tensor__": x.detach().cpu().tolist(), "dtype": str(x.dtype).replace("torch.", "")}
+    if isinstance(x, np.ndarray):
+        return {"__ndarray__": x.tolist(), "dtype": str(x.dtype)}
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, TraceKeys):
+        return {"__tracekeys__": x.name}
+    if isinstance(x, dict):
+        return {str(k): _encode(v) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return {"__tuple__": [_encode(v) for v in x]}
+    if isinstance(x, list):
+        return [_encode(v) for v in x]
+    if hasattr(x, "value") and isinstance(getattr(x, "value"), (str, int)):  # other enums
+        return x.value
+    return x
+
+
+def _decode(x):
+    if isinstance(x, dict):
+        if "__tensor__" in x:
+            return torch.tensor(x["__tensor__"], dtype=getattr(torch, x["dtype"]))
+        if "__ndarray__" in x:
+            return np.array(x["__ndarray__"], dtype=x["dtype"])
+        if "__tracekeys__" in x:
+            return getattr(TraceKeys, x["__tracekeys__"])
+        if "__tuple__" in x:
+            return tuple(_decode(v) for v in x["__tuple__"])
+        return {k: _decode(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_decode(v) for v in x]
+    return x
+
+
+def _clear_ids(x):
+    """Operations recorded in another process carry other object ids: MONAI skips the id check
+    for TraceKeys.NONE, the class name still has to match."""
+    if isinstance(x, dict):
+        if TraceKeys.ID in x:
+            x[TraceKeys.ID] = TraceKeys.NONE
+        for v in x.values():
+            _clear_ids(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            _clear_ids(v)
+
+
+def with_history(array: np.ndarray | torch.Tensor, affine, ops: list) -> MetaTensor:
+    t = torch.as_tensor(np.asarray(array, dtype=np.float32) if isinstance(array, np.ndarray) else array)
+    if t.ndim == 3:
+        t = t[None]
+    mt = MetaTensor(t, affine=torch.as_tensor(np.asarray(affine), dtype=torch.float64))
+    mt.applied_operations = [dict(op) for op in ops]
+    return mt
+
+
+def save_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1, default=_json_default))
+
+
+def _json_default(o):
+    if isinstance(o, (np.generic,)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))
+
+
+def key_names(d: Mapping[Hashable, Any]) -> list[str]:
+    return [str(k) for k in d]
