@@ -48,6 +48,7 @@ class Preprocessed:
     grid_spect: np.ndarray | None = None
     grid_mask: np.ndarray | None = None
     grid_ct: np.ndarray | None = None
+    ct_lungs: np.ndarray | None = None  # the lung labels used, on the original CT grid (QA)
     dicom: dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,11 +102,12 @@ def preprocess_patient(patient: Patient | dict, cfg: PreprocessConfig | dict | N
         grid_affine=ct_grid.affine.numpy().copy(),
         ct_shape=original[0],
         ct_affine=original[1],
-        spect_percentile=d.get("spect_percentile"),
+        spect_percentile=d.get("percentile_spect"),
         grid_spect=d["spect"][0].numpy() if (keep_grid and with_spect) else None,
         grid_mask=d["mask"][0].numpy().astype(np.uint8) if keep_grid else None,
         grid_ct=ct_grid[0].numpy() if keep_grid else None,
-        dicom=d.get("ct_dicom", {}),
+        ct_lungs=labels_to_ct(d["native_lungs"][0], d["native_lungs"][1], original[1], original[0]),
+        dicom=d.get("dicom_ct", {}),
     )
 
 

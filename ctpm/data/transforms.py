@@ -130,7 +130,7 @@ class LoadVolumed(MapTransform):
                 continue
             vol = load_image(value, kind=self.kinds.get(key, "ct"), patient=d.get("patient_id"))
             if key == "ct":
-                d["ct_dicom"] = {k: v for k, v in vol.meta.items() if k != "files"}
+                d["dicom_ct"] = {k: v for k, v in vol.meta.items() if k != "files"}
             d[key] = volume_to_metatensor(vol, str(value))
         for key in list(d):
             if d[key] is None:
@@ -166,6 +166,8 @@ class SegmentLungsd(MapTransform):
         else:
             labels = segment_lungs(ct[0].numpy(), spacing, backend=self.backend, patient=pid,
                                    lungmask_weights=self.weights, config=self.lung_cfg)
+        # the labels on the CT's own grid, kept for the QA mask written in the CT's geometry
+        d["native_lungs"] = (labels, ct.affine.numpy().copy())
         onehot = np.stack([labels == RIGHT, labels == LEFT]).astype(np.float32)
         d[self.out_key] = _like(ct, torch.from_numpy(onehot))
         return d
@@ -291,7 +293,7 @@ class StandardiseSpectd(MapTransform):
             except CtpmError as err:
                 raise err.with_context(patient=d.get("patient_id")) from None
             d[key] = _like(d[key], torch.from_numpy(arr)[None])
-            d[f"{key}_percentile"] = p
+            d[f"percentile_{key}"] = p
         return d
 
 

@@ -1,0 +1,54 @@
+"""ctpm-preprocess: a manifest into the preprocessing cache (and, with roundtrip=true, the ceiling)."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from ctpm.cli._common import CONF_DIR, user_errors
+from ctpm.data.cache import PreprocessCache
+from ctpm.data.manifest import load_manifest
+from ctpm.errors import CtpmError
+
+
+def run(cfg: DictConfig) -> dict[str, str]:
+    manifest = load_manifest(cfg.manifest, require_spect=True, cohort=cfg.cohort)
+    cache = PreprocessCache(cfg.out, cfg.preprocessing)
+    status, rt = cache.ensure(
+        manifest.patients, workers=int(cfg.workers), progress=bool(cfg.progress), roundtrip=bool(cfg.roundtrip)
+    )
+    counts: dict[str, int] = {}
+    for s in status.values():
+        counts[s.split(":")[0]] = counts.get(s.split(":")[0], 0) + 1
+    print(f"cache {cache.root} (config {cache.key}): " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    if cfg.roundtrip and rt:
+        path = Path(cfg.out) / "roundtrip.csv"
+        tmp = path.with_name(".roundtrip.csv.tmp")
+        with tmp.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["patient_id", "spearman_r"])
+            for p in manifest.patients:
+                if p.patient_id in rt:
+                    w.writerow([p.patient_id, f"{rt[p.patient_id]:.6f}"])
+        tmp.replace(path)
+        vals = sorted(rt.values())
+        print(f"roundtrip Spearman R (the ceiling at roi_size): min {vals[0]:.4f}, mean {sum(vals) / len(vals):.4f} -> {path}")
+    failed = {pid: s for pid, s in status.items() if s.startswith("failed")}
+    if failed:
+        lines = "\n  ".join(s[len("failed: "):] for s in failed.values())
+        raise CtpmError(f"{len(failed)} of {len(status)} patients could not be preprocessed:\n  {lines}")
+    return status
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="preprocess")
+@user_errors("ctpm-preprocess")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The LightningModule: a CT -> perfusion network trained with a loss inside the lung ROI.
+
+Validation and test log the paper's metrics on the network's own grid (roi_size): voxel-wise
+Spearman R and the Dice of high / low functional volumes; the paper's reported numbers are
+computed later at 1 mm by ``ctpm-evaluate``.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctpm.errors import CtpmError
+from ctpm.metrics import FunctionalDice, SpearmanR
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "mse": functools.partial(F.mse_loss, reduction="none"),
+    "l1": functools.partial(F.l1_loss, reduction="none"),
+    "smooth_l1": functools.partial(F.smooth_l1_loss, reduction="none", beta=0.1),
+}
+
+
+def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Mean voxel loss over the mask only (the lung ROI): voxels outside carry no perfusion truth."""
+    per_voxel = LOSSES[kind](pred, target)
+    m = mask.to(per_voxel.dtype)
+    return (per_voxel * m).sum() / m.sum().clamp_min(1.0)
+
+
+def load_state_dict_safely(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents with ``torch.load(weights_only=True)``: tensors and plain containers
+    only, so a crafted pickle cannot run code. Errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CtpmError("checkpoint does not exist", path=path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle errors, truncated zip, refused globals
+        raise CtpmError(f"cannot load the checkpoint safely ({type(exc).__name__}: {str(exc).splitlines()[0]})", path=path) from None
+
+
+def network_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The network's weights from a Lightning checkpoint (``net.*``) or a bare state dict."""
+    state = ckpt.get("state_dict", ckpt)
+    if any(k.startswith("net.") for k in state):
+        state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # torch.compile prefix
+    return state
+
+
+class CTPMModule(pl.LightningModule):
+    """net(ct, lung) -> perfusion in [0, 1]; loss inside the evaluation mask.
+
+    init_from: a pretrain checkpoint whose network weights (only: not the optimiser) start this
+    run, strict about names and shapes; checked here, before training starts.
+    freeze_encoder: keep the pretrained encoder fixed (fine-tune the decoder only).
+    net_config / preprocessing: JSON of the network's and the preprocessing's configs, stored in every
+    checkpoint, so that ``ctpm-predict`` can rebuild both from the checkpoint file alone.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        loss: str = "mse",
+        threshold: float = 0.66,
+        init_from: str | None = None,
+        freeze_encoder: bool = False,
+        compile: bool = False,
+        net_config: str | None = None,
+        preprocessing: str | None = None,
+        log_images: bool = True,
+    ):
+        super().__init__()
+        if loss not in LOSSES:
+            raise CtpmError(f"model.loss must be one of {', '.join(LOSSES)}, not {loss!r}")
+        # Plain values only in the checkpoint's hyper-parameters (the optimiser and scheduler are
+        # partials of classes): checkpoints must load with torch.load(weights_only=True).
+        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.net = net
+        self.loss_kind = loss
+        if init_from:
+            self.load_pretrained(init_from)
+        if freeze_encoder:
+            encoder = getattr(net, "encoder", None)
+            if encoder is None:
+                raise CtpmError(f"freeze_encoder: {type(net).__name__} has no 'encoder' to freeze")
+            for p in encoder.parameters():
+                p.requires_grad_(False)
+        self.val_r, self.val_dice = SpearmanR(), FunctionalDice(threshold=threshold)
+        self.test_r, self.test_dice = SpearmanR(), FunctionalDice(threshold=threshold)
+        self._panel: dict[str, torch.Tensor] | None = None
+
+    # ---- weights ----
+    def load_pretrained(self, path: str | Path) -> None:
+        state = network_weights(load_state_dict_safely(path))
+        own = self.net.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or wrong:
+            parts = []
+            if wrong:
+                k = wrong[0]
+                parts.append(f"{len(wrong)} shape mismatch(es), e.g. {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+            if missing:
+                parts.append(f"{len(missing)} weight(s) missing, e.g. {missing[0]}")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+            raise CtpmError(
+                "pretrain checkpoint does not fit this network (" + "; ".join(parts) + "); was it trained with another model config?",
+                path=path,
+            )
+        self.net.load_state_dict(state, strict=True)
+
+    def configure_model(self) -> None:
+        if self.hparams.compile and not isinstance(self.net, torch._dynamo.eval_frame.OptimizedModule):  # type: ignore[attr-defined]
+            self.net = torch.compile(self.net)
+
+    # ---- steps ----
+    def forward(self, ct: torch.Tensor, lung: torch.Tensor) -> torch.Tensor:
+        return self.net(ct, lung)
+
+    def _step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        pred = self(batch["ct"], batch["lung"])
+        loss = masked_loss(pred.float(), batch["spect"], batch["mask"], self.loss_kind)
+        return pred, loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        _, loss = self._step(batch)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch["ct"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        pred, loss = self._step(batch)
+        n = batch["ct"].shape[0]
+        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        self.val_r.update(pred.float(), batch["spect"], batch["mask"] > 0)
+        self.val_dice.update(pred.float(), batch["spect"], batch["mask"] > 0)
+        if batch_idx == 0:
+            self._panel = {k: batch[k][0, 0].detach().float().cpu() for k in ("ct", "spect")}
+            self._panel["pred"] = pred[0, 0].detach().float().cpu()
+
+    def on_validation_epoch_end(self) -> None:
+        dice = self.val_dice.compute()
+        self.log("val/spearman_r", self.val_r.compute(), prog_bar=True)
+        self.log("val/dice_high", dice["high"])
+        self.log("val/dice_low", dice["low"])
+        self.val_r.reset()
+        self.val_dice.reset()
+        if self.hparams.log_images and self._panel is not None and not self.trainer.sanity_checking:
+            self._log_panel(self._panel)
+        self._panel = None
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        pred, loss = self._step(batch)
+        self.log("test/loss", loss, on_step=False, on_epoch=True, batch_size=batch["ct"].shape[0])
+        self.test_r.update(pred.float(), batch["spect"], batch["mask"] > 0)
+        self.test_dice.update(pred.float(), batch["spect"], batch["mask"] > 0)
+
+    def on_test_epoch_end(self) -> None:
+        dice = self.test_dice.compute()
+        self.log("test/spearman_r", self.test_r.compute())
+        self.log("test/dice_high", dice["high"])
+        self.log("test/dice_low", dice["low"])
+        self.test_r.reset()
+        self.test_dice.reset()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        pred = self(batch["ct"], batch["lung"]).float()
+        return {"patient_id": list(batch["patient_id"]), "side": list(batch["side"]), "pred": pred.cpu()}
+
+    # ---- optimisation ----
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # ---- checkpoints carry what prediction needs ----
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        import json
+
+        checkpoint["ctpm"] = {
+            "net_config": json.loads(self.hparams.net_config) if self.hparams.net_config else None,
+            "preprocessing": json.loads(self.hparams.preprocessing) if self.hparams.preprocessing else None,
+        }
+
+    # ---- images ----
+    def _log_panel(self, panel: dict[str, torch.Tensor]) -> None:
+        """A coronal slice of CT, SPECT and prediction, to the loggers that take images."""
+        from ctpm.evaluation.figures import slice_panel
+
+        fig = slice_panel(panel["ct"].numpy(), panel["spect"].numpy(), panel["pred"].numpy())
+        for logger in self.loggers:
+            try:
+                name = type(logger).__name__
+                if name == "WandbLogger":
+                    import wandb
+
+                    logger.experiment.log({"val/panel": wandb.Image(fig), "epoch": self.current_epoch})
+                elif name == "TensorBoardLogger":
+                    logger.experiment.add_figure("val/panel", fig, global_step=self.current_epoch)
+                elif getattr(logger, "log_dir", None):  # CSV: a PNG beside the metrics
+                    out = Path(logger.log_dir) / "panels"
+                    out.mkdir(parents=True, exist_ok=True)
+                    fig.savefig(out / f"epoch_{self.current_epoch:04d}.png", dpi=80)
+            except Exception:  # noqa: BLE001 - an image must never stop training
+                pass
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)

@@ -1,0 +1,114 @@
+"""Hydra sweeper plugin `hydra/sweeper=ctpm_optuna` (see __init__ for why it exists).
+
+Search space in Hydra's sweep syntax, under hydra.sweeper.params:
+    model.optimizer.lr: tag(log, interval(1e-4, 3e-3))   -> suggest_float(log=True)
+    model.net.depth: range(3, 5)                         -> suggest_categorical over the range
+    model.loss: choice(mse, l1)                          -> suggest_categorical
+    trainer.max_epochs: interval(5, 20)                  -> suggest_int (integer bounds)
+Every trial is one job of the configured launcher (basic, or SLURM via submitit); the job's return
+value (ctpm-train returns `optimized_metric`) is what Optuna optimises. A failed job is told to
+Optuna as a failed trial and the sweep goes on. The best trial is written to
+<sweep dir>/optimization_results.yaml.
+"""
+
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CtpmOptunaSweeperConf:
+    _target_: str = "hydra_plugins.ctpm_optuna_sweeper.optuna_sweeper.CtpmOptunaSweeper"
+    direction: str = "maximize"
+    n_trials: int = 20
+    n_jobs: int = 1  # trials launched together (parallel with a parallel launcher)
+    seed: Optional[int] = None
+    sampler: str = "tpe"  # tpe | random
+    study_name: Optional[str] = None
+    storage: Optional[str] = None  # e.g. sqlite:///optuna.db to resume a study
+    params: Dict[str, str] = field(default_factory=dict)
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="ctpm_optuna", node=CtpmOptunaSweeperConf, provider="ctpm")
+
+
+def suggest(trial, name: str, override: Override) -> Any:
+    sweep = override.value()
+    if isinstance(sweep, ChoiceSweep):
+        choices = list(override.sweep_iterator(transformer=lambda x: x))
+        return trial.suggest_categorical(name, choices)
+    if isinstance(sweep, RangeSweep):
+        return trial.suggest_categorical(name, list(override.sweep_iterator()))
+    if isinstance(sweep, IntervalSweep):
+        log_scale = "log" in sweep.tags
+        lo, hi = sweep.start, sweep.end
+        if isinstance(lo, int) and isinstance(hi, int):
+            return trial.suggest_int(name, lo, hi, log=log_scale)
+        return trial.suggest_float(name, float(lo), float(hi), log=log_scale)
+    raise ValueError(f"{name}: not a sweep ({override.input_line})")
+
+
+class CtpmOptunaSweeper(Sweeper):
+    def __init__(self, direction: str, n_trials: int, n_jobs: int, seed: Optional[int], sampler: str,
+                 study_name: Optional[str], storage: Optional[str], params: Dict[str, str]):
+        self.direction, self.n_trials, self.n_jobs = direction, int(n_trials), max(1, int(n_jobs))
+        self.seed, self.sampler_name, self.study_name, self.storage = seed, sampler, study_name, storage
+        self.params = dict(params or {})
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+        self.sweep_dir = config.hydra.sweep.dir
+
+    def sweep(self, arguments: List[str]) -> None:
+        import optuna
+
+        parser = OverridesParser.create()
+        given = parser.parse_overrides(arguments)
+        fixed = [o.input_line for o in given if not o.is_sweep_override()]
+        space = {o.get_key_element(): o for o in given if o.is_sweep_override()}
+        space.update({o.get_key_element(): o for o in parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()])})
+        if not space:
+            raise ValueError("hydra.sweeper.params is empty: nothing to search")
+        sampler = (optuna.samplers.RandomSampler(seed=self.seed) if self.sampler_name == "random"
+                   else optuna.samplers.TPESampler(seed=self.seed))
+        study = optuna.create_study(direction=self.direction, sampler=sampler, study_name=self.study_name,
+                                    storage=self.storage, load_if_exists=self.storage is not None)
+        log.info("Optuna study: %d trials, %s, space %s", self.n_trials, self.direction, sorted(space))
+        done = 0
+        while done < self.n_trials:
+            trials = [study.ask() for _ in range(min(self.n_jobs, self.n_trials - done))]
+            batch = [tuple(fixed + [f"{k}={suggest(t, k, o)}" for k, o in space.items()]) for t in trials]
+            results = self.launcher.launch(batch, initial_job_idx=done)
+            for trial, ret in zip(trials, results):
+                try:
+                    value = float(ret.return_value)
+                except Exception as exc:  # noqa: BLE001 - a failed job is a failed trial
+                    log.warning("trial %d failed: %s", trial.number, exc)
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    continue
+                study.tell(trial, value)
+            done += len(trials)
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if not complete:
+            raise RuntimeError("no trial of the sweep completed")
+        best = study.best_trial
+        results_cfg = OmegaConf.create({"name": "optuna", "best_params": best.params, "best_value": best.value,
+                                        "n_complete": len(complete), "n_trials": len(study.trials)})
+        Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(results_cfg, Path(self.sweep_dir) / "optimization_results.yaml")
+        log.info("best trial %d: %s = %.4f", best.number, best.params, best.value)
