@@ -10,6 +10,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Invertd, SpatialResample
 
+from ctpm.data.lungs import evaluation_mask
 from ctpm.data.manifest import Patient
 from ctpm.data.transforms import (
     IMAGE_KEYS,
@@ -49,6 +50,7 @@ class Preprocessed:
     grid_mask: np.ndarray | None = None
     grid_ct: np.ndarray | None = None
     ct_lungs: np.ndarray | None = None  # the lung labels used, on the original CT grid (QA)
+    ct_eval_mask: np.ndarray | None = None  # evaluation mask on the original CT grid (keep_grid)
     dicom: dict[str, Any] = field(default_factory=dict)
 
 
@@ -86,6 +88,8 @@ def preprocess_patient(patient: Patient | dict, cfg: PreprocessConfig | dict | N
     for side in sides:
         d = lung_stage(cfg, side, keys)(d)
 
+    native_labels, native_affine, native_ct = d.pop("native_lungs")
+
     def stack(key, dtype):
         return np.stack([d[f"{key}_{s}"][0].numpy() for s in sides]).astype(dtype)
 
@@ -106,7 +110,9 @@ def preprocess_patient(patient: Patient | dict, cfg: PreprocessConfig | dict | N
         grid_spect=d["spect"][0].numpy() if (keep_grid and with_spect) else None,
         grid_mask=d["mask"][0].numpy().astype(np.uint8) if keep_grid else None,
         grid_ct=ct_grid[0].numpy() if keep_grid else None,
-        ct_lungs=labels_to_ct(d["native_lungs"][0], d["native_lungs"][1], original[1], original[0]),
+        ct_lungs=labels_to_ct(native_labels, native_affine, original[1], original[0]),
+        ct_eval_mask=(labels_to_ct(evaluation_mask(native_ct, native_labels, cfg.eval_hu_range).astype(np.uint8),
+                                   native_affine, original[1], original[0]) if keep_grid else None),
         dicom=d.get("dicom_ct", {}),
     )
 

@@ -167,7 +167,7 @@ class SegmentLungsd(MapTransform):
             labels = segment_lungs(ct[0].numpy(), spacing, backend=self.backend, patient=pid,
                                    lungmask_weights=self.weights, config=self.lung_cfg)
         # the labels on the CT's own grid, kept for the QA mask written in the CT's geometry
-        d["native_lungs"] = (labels, ct.affine.numpy().copy())
+        d["native_lungs"] = (labels, ct.affine.numpy().copy(), ct[0].numpy())
         onehot = np.stack([labels == RIGHT, labels == LEFT]).astype(np.float32)
         d[self.out_key] = _like(ct, torch.from_numpy(onehot))
         return d

@@ -1,0 +1,47 @@
+"""ctpm-evaluate: metrics.csv, summary.json, figures and report.md for a prediction set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ctpm.cli._common import CONF_DIR, user_errors
+from ctpm.data.manifest import load_manifest
+from ctpm.errors import CtpmError
+
+
+def run(cfg: DictConfig) -> dict:
+    from ctpm.evaluation.evaluate import evaluate
+    from ctpm.evaluation.report import write_report
+
+    out = Path(cfg.out)
+    if (out / "metrics.csv").exists() and not cfg.overwrite:
+        raise CtpmError("an evaluation exists already here; choose another out= or pass overwrite=true", path=out)
+    manifest = load_manifest(cfg.manifest, require_spect=True)
+    predictions = OmegaConf.to_container(cfg.predictions) if OmegaConf.is_list(cfg.predictions) else cfg.predictions
+    baseline = cfg.baseline_predictions
+    if OmegaConf.is_list(baseline):
+        baseline = OmegaConf.to_container(baseline)
+    result = evaluate(manifest, predictions, cfg=OmegaConf.to_container(cfg.evaluation, resolve=True), cohort=cfg.cohort,
+                      baseline_predictions=baseline, density_baseline=bool(cfg.density_baseline),
+                      density_fit_cohort=cfg.density_fit_cohort, threshold=float(cfg.threshold),
+                      splits=cfg.splits, progress=bool(cfg.progress))
+    files = write_report(result, out, labels=OmegaConf.to_container(cfg.labels), title=cfg.title, threshold=float(cfg.threshold))
+    rows = result["rows"]["model"]
+    mean_r = sum(r["spearman_r"] for r in rows) / len(rows)
+    print(f"ctpm-evaluate: {len(rows)} patients, mean Spearman R {mean_r:.4f} -> {files.get('report', out)}")
+    if result["missing"]:
+        print(f"ctpm-evaluate: warning: {len(result['missing'])} patient(s) without prediction: {', '.join(result['missing'])}")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+@user_errors("ctpm-evaluate")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

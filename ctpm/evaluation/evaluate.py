@@ -1,0 +1,269 @@
+"""Multi-level evaluation at the paper's definitions (Ren et al. 2022, "Quantitative evaluation").
+
+Every map is compared on the isotropic grid of the CT (1 mm by default), inside the evaluation mask
+(lungs within -1000..-300 HU: tumour and vessels out), against the SPECT standardised to its 75th
+percentile in the mask and clipped to 1:
+- voxel-wise Spearman R (Eq. 1), per patient and per lung;
+- Dice of the high (>= 0.66) and low (< 0.66) functional volumes (Eq. 2);
+- mean perfusion of each lobe (LUL, LLL, RUL, RML, RLL) and of each lung.
+The CT, SPECT, lungs and lobes of a patient go through the same transforms as the training data
+(``ctpm.data.transforms.grid_stage``), once, and serve every prediction set being compared.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from ctpm.data.io import load_image
+from ctpm.data.lungs import LEFT, RIGHT
+from ctpm.data.manifest import Manifest, Patient
+from ctpm.data.preprocess import patient_inputs, resample_to_grid
+from ctpm.data.transforms import PreprocessConfig, grid_stage
+from ctpm.errors import CtpmError
+from ctpm.metrics import functional_dice, spearman_r
+
+LOBE_NAMES = {1: "LUL", 2: "LLL", 3: "RUL", 4: "RML", 5: "RLL"}
+SIDE_NAMES = {RIGHT: "right", LEFT: "left"}
+
+
+@dataclass
+class GridVolumes:
+    """One patient on the evaluation grid (cropped to the lungs)."""
+
+    patient: Patient
+    affine: np.ndarray
+    ct: np.ndarray
+    spect: np.ndarray  # standardised
+    mask: np.ndarray  # evaluation mask (bool)
+    lungs: np.ndarray  # 1 right, 2 left
+    lobes: np.ndarray | None
+    truth: np.ndarray | None  # synthetic truth perfusion, when the manifest has it
+
+    @property
+    def shape(self):
+        return self.ct.shape
+
+    def on_grid(self, path: Path, kind: str = "perfusion", mode: str = "bilinear") -> np.ndarray:
+        vol = load_image(path, kind=kind, patient=self.patient.patient_id)
+        return resample_to_grid(vol.array, vol.affine, self.affine, self.shape, mode)
+
+
+def grid_volumes(patient: Patient, cfg: PreprocessConfig) -> GridVolumes:
+    d = grid_stage(cfg, with_spect=True)(patient_inputs(patient, with_spect=True))
+    aff = d["ct"].affine.numpy().copy()
+    gv = GridVolumes(patient, aff, d["ct"][0].numpy(), d["spect"][0].numpy(), d["mask"][0].numpy() > 0,
+                     np.rint(d["lungs"][0].numpy()).astype(np.uint8), None, None)
+    if patient.lobes is not None:
+        gv.lobes = np.rint(gv.on_grid(patient.lobes, kind="label", mode="nearest")).astype(np.uint8)
+    if patient.perfusion is not None:
+        gv.truth = gv.on_grid(patient.perfusion)
+    return gv
+
+
+def map_metrics(gv: GridVolumes, pred: np.ndarray, threshold: float = 0.66) -> dict[str, float]:
+    """The paper's three levels for one predicted map on the evaluation grid."""
+    m = gv.mask
+    if not m.any():
+        raise CtpmError("evaluation mask is empty", patient=gv.patient.patient_id)
+    row: dict[str, float] = {
+        "spearman_r": float(spearman_r(pred[m], gv.spect[m])),
+    }
+    hi, lo = functional_dice(pred[m], gv.spect[m], threshold=threshold)
+    row["dice_high"], row["dice_low"] = float(hi), float(lo)
+    for value, side in SIDE_NAMES.items():
+        sm = m & (gv.lungs == value)
+        if sm.sum() > 1:
+            row[f"spearman_r_{side}"] = float(spearman_r(pred[sm], gv.spect[sm]))
+            row[f"mean_pred_{side}"] = float(pred[sm].mean())
+            row[f"mean_spect_{side}"] = float(gv.spect[sm].mean())
+    if gv.lobes is not None:
+        for value, lobe in LOBE_NAMES.items():
+            lm = m & (gv.lobes == value)
+            if lm.any():
+                row[f"mean_pred_{lobe}"] = float(pred[lm].mean())
+                row[f"mean_spect_{lobe}"] = float(gv.spect[lm].mean())
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# Density baseline: what CT density and vertical position alone predict
+# --------------------------------------------------------------------------------------------------
+
+
+def density_features(gv: GridVolumes) -> np.ndarray:
+    """Per mask voxel: 1, HU, HU^2, dependent position, its square, HU x position (posterior = 1)."""
+    m = gv.mask
+    hu = (gv.ct[m] + 850.0) / 100.0
+    y = np.broadcast_to(np.arange(gv.shape[1], dtype=np.float32)[None, :, None], gv.shape)[m]
+    y_world = gv.affine[1, 1] * y  # RAS: larger y is anterior
+    lung_y = y_world
+    lo, hi = float(lung_y.min()), float(lung_y.max())
+    dep = (hi - lung_y) / max(hi - lo, 1e-6)  # 0 most anterior .. 1 most posterior (dependent)
+    return np.stack([np.ones_like(hu), hu, hu * hu, dep, dep * dep, hu * dep], 1).astype(np.float64)
+
+
+class DensityBaseline:
+    """Least squares of standardised SPECT on density features, accumulated per patient so that a
+    patient can be left out of its own fit exactly (leave-one-out at no extra cost)."""
+
+    def __init__(self, max_voxels: int = 50_000, seed: int = 0):
+        self.stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.max_voxels, self.rng = max_voxels, np.random.default_rng(seed)
+
+    def add(self, gv: GridVolumes) -> None:
+        X = density_features(gv)
+        y = gv.spect[gv.mask].astype(np.float64)
+        if len(y) > self.max_voxels:
+            idx = self.rng.choice(len(y), self.max_voxels, replace=False)
+            X, y = X[idx], y[idx]
+        self.stats[gv.patient.patient_id] = (X.T @ X, X.T @ y)
+
+    def coefficients(self, leave_out: str | None = None) -> np.ndarray:
+        keys = [k for k in self.stats if k != leave_out]
+        if not keys:
+            raise CtpmError("the density baseline has no patient to be fitted on")
+        A = sum(self.stats[k][0] for k in keys)
+        b = sum(self.stats[k][1] for k in keys)
+        return np.linalg.lstsq(A, b, rcond=None)[0]
+
+    def predict(self, gv: GridVolumes, leave_out: str | None = None) -> np.ndarray:
+        out = np.zeros(gv.shape, np.float32)
+        out[gv.mask] = np.clip(density_features(gv) @ self.coefficients(leave_out), 0, 1)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Prediction sets
+# --------------------------------------------------------------------------------------------------
+
+
+def find_predictions(dirs: str | Path | Sequence[str | Path], ids: Iterable[str]) -> tuple[dict[str, Path], list[str]]:
+    """Map patient ids to `<id>.nii.gz` across one or several folders (the fold jobs' outputs).
+    A patient predicted in two folders is an error: out-of-fold predictions must not overlap."""
+    if isinstance(dirs, (str, Path)):
+        dirs = [dirs]
+    folders: list[Path] = []
+    for d in dirs:
+        matches = sorted(Path().glob(str(d))) if any(ch in str(d) for ch in "*?[") else [Path(d)]
+        folders += [m for m in matches if m.is_dir()]
+    if not folders:
+        raise CtpmError(f"no prediction folder found at {', '.join(str(d) for d in dirs)}")
+    found: dict[str, Path] = {}
+    for pid in ids:
+        hits = [f / f"{pid}.nii.gz" for f in folders if (f / f"{pid}.nii.gz").is_file()]
+        if len(hits) > 1:
+            raise CtpmError(f"predicted in {len(hits)} folders ({hits[0].parent}, {hits[1].parent}): "
+                            "out-of-fold predictions must not overlap", patient=pid)
+        if hits:
+            found[pid] = hits[0]
+    missing = [pid for pid in ids if pid not in found]
+    return found, missing
+
+
+def missing_folds(splits_path: str | Path | None, missing: list[str]) -> list[int]:
+    """Folds of splits.json whose test patients have no prediction (e.g. a failed fold job)."""
+    if not splits_path or not missing or not Path(splits_path).is_file():
+        return []
+    splits = json.loads(Path(splits_path).read_text())
+    gone = set(missing)
+    return [k for k, f in enumerate(splits.get("folds", [])) if gone & set(f["test"])]
+
+
+def evaluate(
+    manifest: Manifest,
+    predictions: Any,
+    *,
+    cfg: PreprocessConfig | dict | None = None,
+    cohort: str | None = None,
+    baseline_predictions: Any = None,
+    density_baseline: bool = True,
+    density_fit_cohort: str | None = "noncancer",
+    threshold: float = 0.66,
+    splits: str | None = None,
+    progress: bool = True,
+    keep_case: str | None = "median",
+) -> dict[str, Any]:
+    """Evaluate one prediction set (and optionally a second to compare, the density baseline and,
+    for synthetic patients, the noise ceiling) on the manifest's patients (of `cohort`, when given)
+    that have predictions. The density baseline is fitted on `density_fit_cohort` of the manifest.
+
+    Returns {"rows": {set name: [per-patient rows]}, "missing": [...], "missing_folds": [...],
+    "case": arrays of a representative patient for the figure}.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = PreprocessConfig.from_any(cfg)
+    ids = [p.patient_id for p in manifest if cohort is None or p.cohort == cohort]
+    if not ids:
+        raise CtpmError(f"the manifest has no patient of cohort {cohort!r}", path=manifest.path)
+    pred_paths, missing = find_predictions(predictions, ids)
+    if not pred_paths:
+        raise CtpmError("no prediction matches a patient of the manifest")
+    base_paths: dict[str, Path] = {}
+    if baseline_predictions:
+        base_paths, base_missing = find_predictions(baseline_predictions, list(pred_paths))
+        if base_missing:
+            raise CtpmError(f"the baseline predictions lack {len(base_missing)} patient(s) that the predictions have "
+                            f"(e.g. {base_missing[0]}); a paired comparison needs both")
+    patients = [p for p in manifest if p.patient_id in pred_paths]
+
+    baseline = DensityBaseline() if density_baseline else None
+    fit_separately = False
+    if baseline is not None:
+        fit_patients = [p for p in manifest.patients if density_fit_cohort and p.cohort == density_fit_cohort
+                        and p.patient_id not in pred_paths]
+        if fit_patients:
+            fit_separately = True
+            for p in tqdm(fit_patients, desc="density baseline fit", unit="patient", disable=not progress):
+                baseline.add(grid_volumes(p, cfg))
+
+    rows: dict[str, list[dict]] = {"model": []}
+    if base_paths:
+        rows["baseline"] = []
+    if baseline is not None:
+        rows["density"] = []
+    volumes: dict[str, GridVolumes] = {}
+    for p in tqdm(patients, desc="ctpm-evaluate", unit="patient", disable=not progress):
+        gv = grid_volumes(p, cfg)
+        info = {"patient_id": p.patient_id, "cohort": p.cohort, "institution": p.institution,
+                "tumor_diameter_mm": p.tumor_diameter_mm, "n_voxels": int(gv.mask.sum())}
+        pred = gv.on_grid(pred_paths[p.patient_id])
+        r = {**info, **map_metrics(gv, pred, threshold), "prediction": str(pred_paths[p.patient_id])}
+        if gv.truth is not None:
+            r["ceiling_r"] = float(spearman_r(gv.truth[gv.mask], gv.spect[gv.mask]))
+        rows["model"].append(r)
+        if base_paths:
+            rows["baseline"].append({**info, **map_metrics(gv, gv.on_grid(base_paths[p.patient_id]), threshold)})
+        if baseline is not None and not fit_separately:
+            baseline.add(gv)  # leave-one-out fit on the evaluated patients themselves
+        if baseline is not None and fit_separately:
+            rows["density"].append({**info, **map_metrics(gv, baseline.predict(gv), threshold)})
+        volumes[p.patient_id] = _light(gv, pred) if keep_case else None  # type: ignore[assignment]
+    if baseline is not None and not fit_separately:
+        for p in tqdm(patients, desc="density baseline (leave-one-out)", unit="patient", disable=not progress):
+            gv = grid_volumes(p, cfg)
+            info = {"patient_id": p.patient_id, "cohort": p.cohort, "institution": p.institution,
+                    "tumor_diameter_mm": p.tumor_diameter_mm, "n_voxels": int(gv.mask.sum())}
+            rows["density"].append({**info, **map_metrics(gv, baseline.predict(gv, leave_out=p.patient_id), threshold)})
+    case = None
+    if keep_case and rows["model"]:
+        order = sorted(rows["model"], key=lambda r: r["spearman_r"])
+        pick = order[len(order) // 2] if keep_case == "median" else order[-1]
+        case = volumes[pick["patient_id"]]
+    return {"rows": rows, "missing": missing, "missing_folds": missing_folds(splits, missing), "case": case,
+            "density_fit": "leave-one-out on the evaluated patients" if (baseline is not None and not fit_separately)
+            else (f"{density_fit_cohort} cohort" if baseline is not None else None)}
+
+
+def _light(gv: GridVolumes, pred: np.ndarray) -> dict[str, Any]:
+    """The central slices of a patient (for the representative-case figure), not the whole volumes."""
+    c = [int(np.mean(np.nonzero(gv.mask.any(axis=tuple(a for a in range(3) if a != k)))[0])) for k in range(3)]
+    out: dict[str, Any] = {"patient_id": gv.patient.patient_id, "spacing": np.linalg.norm(gv.affine[:3, :3], axis=0).tolist()}
+    for name, arr in (("ct", gv.ct), ("spect", gv.spect), ("pred", pred), ("mask", gv.mask.astype(np.uint8))):
+        out[name] = {"axial": arr[:, :, c[2]].copy(), "coronal": arr[:, c[1], :].copy(), "sagittal": arr[c[0], :, :].copy()}
+    return out

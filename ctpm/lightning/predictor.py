@@ -1,0 +1,123 @@
+"""The predictor: a patient's CT -> perfusion map and functional volumes in the CT's geometry.
+
+Checkpoints carry the network and preprocessing configs (``CTPMModule.on_save_checkpoint``), so a
+checkpoint file is all it takes. Several checkpoints (the fold models) are averaged and their
+standard deviation is written as an uncertainty map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import hydra
+import numpy as np
+import torch
+
+from ctpm.data.io import save_nifti
+from ctpm.data.preprocess import Preprocessed, preprocess_patient, restore_to_ct, restore_to_grid
+from ctpm.data.transforms import PreprocessConfig
+from ctpm.errors import CtpmError
+from ctpm.lightning.module import load_state_dict_safely, network_weights
+
+LOW, HIGH = 1, 2  # labels of the functional-volume map
+
+
+@dataclass
+class Prediction:
+    patient_id: str
+    perfusion: np.ndarray  # CT grid, standardised perfusion (1.0 = normal-functioning lung)
+    std: np.ndarray | None  # CT grid, SD over models (and flips)
+    functional: np.ndarray  # CT grid, 0 outside the evaluation mask, 1 low, 2 high
+    affine: np.ndarray
+    lungs: np.ndarray  # CT grid, 1 right, 2 left
+    voxel_ml: float
+
+    def volumes_ml(self) -> dict[str, float]:
+        return {"low_ml": float((self.functional == LOW).sum() * self.voxel_ml),
+                "high_ml": float((self.functional == HIGH).sum() * self.voxel_ml)}
+
+
+def load_network(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """Network (eval mode) and preprocessing config from a ctpm checkpoint, loaded weights-only."""
+    ckpt = load_state_dict_safely(path)
+    meta = ckpt.get("ctpm") if isinstance(ckpt, dict) else None
+    if not meta or not meta.get("net_config"):
+        raise CtpmError("not a ctpm checkpoint (no network config inside); use a last.ckpt written by ctpm-train", path=path)
+    net = hydra.utils.instantiate(meta["net_config"])
+    state = network_weights(ckpt)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CtpmError(f"checkpoint weights do not fit its own network config ({str(exc).splitlines()[0]})", path=path) from None
+    net.eval()
+    return net, dict(meta.get("preprocessing") or {})
+
+
+class Predictor:
+    def __init__(self, checkpoints: Sequence[str | Path], *, device: str = "auto", flip_tta: bool = False,
+                 threshold: float = 0.66, preprocessing: dict | None = None):
+        if isinstance(checkpoints, (str, Path)):
+            checkpoints = [checkpoints]
+        if not checkpoints:
+            raise CtpmError("give at least one checkpoint: ckpt=PATH or ckpt=[PATH,PATH]")
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+        self.nets, configs = [], []
+        for c in checkpoints:
+            net, prep = load_network(c)
+            self.nets.append(net.to(self.device))
+            configs.append(prep)
+        first = PreprocessConfig.from_any(configs[0]).to_dict()
+        for c, prep in zip(checkpoints[1:], configs[1:]):
+            if PreprocessConfig.from_any(prep).to_dict() != first:
+                raise CtpmError("checkpoints were trained with different preprocessing (roi_size, spacing ...); "
+                                "average only models of one experiment", path=c)
+        merged = dict(configs[0])
+        merged.update(preprocessing or {})  # e.g. another lung backend at prediction time
+        self.cfg = PreprocessConfig.from_any(merged)
+        self.flip_tta, self.threshold = flip_tta, threshold
+
+    @torch.no_grad()
+    def roi_maps(self, pre: Preprocessed) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+        """Mean and SD over models (and the left-right flip) of each lung's ROI prediction."""
+        ct = torch.from_numpy(pre.ct[:, None]).to(self.device)
+        lung = torch.from_numpy(pre.lung[:, None].astype(np.float32)).to(self.device)
+        outs = []
+        for net in self.nets:
+            outs.append(net(ct, lung).float())
+            if self.flip_tta:  # W is the left-right axis of the ROI
+                outs.append(torch.flip(net(torch.flip(ct, [-1]), torch.flip(lung, [-1])), [-1]).float())
+        stack = torch.stack(outs)[:, :, 0].cpu().numpy()  # (models, sides, D, H, W)
+        mean = {s: stack[:, i].mean(0) for i, s in enumerate(pre.sides)}
+        std = {s: stack[:, i].std(0) for i, s in enumerate(pre.sides)} if len(outs) > 1 else None
+        return mean, std
+
+    def predict(self, patient: dict) -> Prediction:
+        """patient: {"patient_id", "ct", optional "lung_mask"}."""
+        pre = preprocess_patient(patient, self.cfg, with_spect=False, keep_grid=True)
+        mean, std = self.roi_maps(pre)
+        grid = restore_to_grid(mean, pre.lung_ops, pre.grid_lungs, self.cfg)
+        perf = restore_to_ct(grid, pre.grid_lungs, pre.grid_affine, pre.ct_affine, pre.ct_shape)
+        sd = None
+        if std is not None:
+            sd = restore_to_ct(restore_to_grid(std, pre.lung_ops, pre.grid_lungs, self.cfg),
+                               pre.grid_lungs, pre.grid_affine, pre.ct_affine, pre.ct_shape)
+        mask = pre.ct_eval_mask > 0
+        functional = np.zeros(perf.shape, np.uint8)
+        functional[mask & (perf < self.threshold)] = LOW
+        functional[mask & (perf >= self.threshold)] = HIGH
+        voxel_ml = float(abs(np.linalg.det(pre.ct_affine[:3, :3]))) / 1000.0
+        return Prediction(pre.patient_id, perf, sd, functional, pre.ct_affine, pre.ct_lungs, voxel_ml)
+
+
+def write_prediction(pred: Prediction, out: Path) -> dict[str, Path]:
+    """<id>.nii.gz (perfusion), <id>_functional.nii.gz (1 low, 2 high) and <id>_std.nii.gz."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "perfusion": save_nifti(pred.perfusion, pred.affine, out / f"{pred.patient_id}.nii.gz", np.float32),
+        "functional": save_nifti(pred.functional, pred.affine, out / f"{pred.patient_id}_functional.nii.gz", np.uint8),
+    }
+    if pred.std is not None:
+        files["std"] = save_nifti(pred.std, pred.affine, out / f"{pred.patient_id}_std.nii.gz", np.float32)
+    return files
