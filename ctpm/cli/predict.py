@@ -52,6 +52,10 @@ def run(cfg: DictConfig) -> list[dict]:
             failed.append(str(err.with_context(patient=p["patient_id"])))
             continue
         write_prediction(pred, out)
+        if cfg.dicom:
+            from ctpm.data.dicom_export import write_prediction_dicom
+
+            write_prediction_dicom(p["ct"], pred.perfusion, pred.functional, pred.affine, out, pred.patient_id)
         inside = pred.functional > 0
         rows.append({"patient_id": pred.patient_id, **{k: round(v, 2) for k, v in pred.volumes_ml().items()},
                      "mean_perfusion": round(float(pred.perfusion[inside].mean()) if inside.any() else 0.0, 4)})

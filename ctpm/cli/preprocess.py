@@ -10,13 +10,16 @@ import hydra
 from omegaconf import DictConfig
 
 from ctpm.cli._common import CONF_DIR, user_errors
-from ctpm.data.cache import PreprocessCache
 from ctpm.data.manifest import load_manifest
 from ctpm.errors import CtpmError
 
 
 def run(cfg: DictConfig) -> dict[str, str]:
     manifest = load_manifest(cfg.manifest, require_spect=True, cohort=cfg.cohort)
+    # imported after the manifest is checked: a bad manifest is reported in a second, not after
+    # torch and MONAI have loaded
+    from ctpm.data.cache import PreprocessCache
+
     cache = PreprocessCache(cfg.out, cfg.preprocessing)
     status, rt = cache.ensure(
         manifest.patients, workers=int(cfg.workers), progress=bool(cfg.progress), roundtrip=bool(cfg.roundtrip)
@@ -37,9 +40,12 @@ def run(cfg: DictConfig) -> dict[str, str]:
         tmp.replace(path)
         vals = sorted(rt.values())
         print(f"roundtrip Spearman R (the ceiling at roi_size): min {vals[0]:.4f}, mean {sum(vals) / len(vals):.4f} -> {path}")
-    failed = {pid: s for pid, s in status.items() if s.startswith("failed")}
+    failed = [s[len("failed: "):] for s in status.values() if s.startswith("failed")]
+    if len(failed) == 1:  # one line that names the patient and the file
+        others = len(status) - 1
+        raise CtpmError(failed[0] + (f" (the other {others} patient(s) are in the cache)" if others else ""))
     if failed:
-        lines = "\n  ".join(s[len("failed: "):] for s in failed.values())
+        lines = "\n  ".join(failed)
         raise CtpmError(f"{len(failed)} of {len(status)} patients could not be preprocessed:\n  {lines}")
     return status
 

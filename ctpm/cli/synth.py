@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from ctpm.cli._common import CONF_DIR, user_errors
 from ctpm.data.manifest import load_manifest
 from ctpm.data.synth import synthesise
+from ctpm.errors import CtpmError
 
 
 def run(cfg: DictConfig):
@@ -30,8 +31,35 @@ def run(cfg: DictConfig):
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="synth")
 @user_errors("ctpm-synth")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     run(cfg)
+
+
+def main() -> None:
+    _refuse_existing_cohort(sys.argv[1:])
+    _main()
+
+
+def _refuse_existing_cohort(args: list[str]) -> None:
+    """Refuse before Hydra starts: its run folder is the cohort's folder, and it would overwrite
+    the cohort's record (.hydra/config.yaml) with the config of a run that then writes nothing.
+    Best effort: anything unusual (multirun, --help, no out=) is left to Hydra and `synthesise`."""
+    if any(a.startswith("-") for a in args):
+        return
+    try:
+        from pathlib import Path
+
+        from hydra import compose, initialize_config_dir
+
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("synth", overrides=args)
+        out, overwrite = Path(str(cfg.out)), bool(cfg.overwrite)
+    except Exception:  # noqa: BLE001 - Hydra reports bad overrides itself
+        return
+    if (out / "manifest.csv").exists() and not overwrite:
+        err = CtpmError("a cohort already exists here; choose another out= or pass overwrite=true", path=out)
+        print(f"ctpm-synth: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Image I/O: NIfTI files and DICOM series into one in-memory form, a `Volume`.
 
 A `Volume` is a 3-D array plus a 4x4 affine that maps voxel indices (i, j, k) to world RAS
-coordinates in mm (x to the patient's Left, y to Anterior, z to Superior), the NIfTI convention.
+coordinates in mm (x to the patient's Right, y to Anterior, z to Superior), the NIfTI convention.
 DICOM positions are LPS; they are converted on reading.
 
 MONAI's own readers (``LoadImage`` with ``PydicomReader``/``NibabelReader``) would read most of these

@@ -8,8 +8,9 @@ Backends (``segment_lungs(..., backend=...)``):
   package and a local weights file are given (nothing is downloaded).
 A manifest ``lung_mask`` column overrides both (see ``ctpm.data.transforms``).
 
-Labels: 0 background, 1 right lung, 2 left lung. Arrays are in RAS order (i -> patient left,
-j -> anterior, k -> superior), as ``Orientationd(axcodes="RAS")`` leaves them.
+Labels: 0 background, 1 right lung, 2 left lung. Arrays are in RAS order (i -> patient Right,
+j -> anterior, k -> superior), as ``Orientationd(axcodes="RAS")`` leaves them: the patient's right
+lung has the larger index i (and world x), the left lung the smaller.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ RIGHT, LEFT = 1, 2
 # even where they leave the lung through the hilum in 3-D).
 _INPLANE = np.zeros((3, 3, 3), bool)
 _INPLANE[:, :, 1] = ndi.generate_binary_structure(2, 1)
+# A vessel's cross-section inside a lung is smaller than this (the mediastinum is larger).
+_MAX_VESSEL_HOLE_MM2 = 1000.0
 
 
 @dataclass
@@ -145,11 +148,11 @@ def _classical_at(ct: np.ndarray, spacing: np.ndarray, cfg: LungSegmentationConf
         parts = _split_touching(whole, spacing) or [whole]
     del lab
 
-    # 5. Right / left by world position: in RAS, the left lung has the larger x (index i).
+    # 5. Right / left by world position: in RAS, x (index i) grows towards the patient's right.
     labels = np.zeros(ct.shape, np.uint8)
     if len(parts) == 2:
         cx = [np.nonzero(p.any(axis=(1, 2)))[0].mean() for p in parts]
-        right, left = (parts[0], parts[1]) if cx[0] < cx[1] else (parts[1], parts[0])
+        right, left = (parts[0], parts[1]) if cx[0] > cx[1] else (parts[1], parts[0])
         labels[_fill(right, spacing, cfg)] = RIGHT
         labels[_fill(left, spacing, cfg) & (labels == 0)] = LEFT
     else:
@@ -157,7 +160,7 @@ def _classical_at(ct: np.ndarray, spacing: np.ndarray, cfg: LungSegmentationConf
         body_x = np.nonzero(body.any(axis=(1, 2)))[0]
         mid = 0.5 * (body_x.min() + body_x.max()) if len(body_x) else ct.shape[0] / 2
         lung_x = np.nonzero(parts[0].any(axis=(1, 2)))[0].mean()
-        labels[_fill(parts[0], spacing, cfg)] = LEFT if lung_x > mid else RIGHT
+        labels[_fill(parts[0], spacing, cfg)] = RIGHT if lung_x > mid else LEFT
     return labels, airway
 
 
@@ -282,9 +285,36 @@ def _track_airway(cand: np.ndarray, spacing: np.ndarray, cfg: LungSegmentationCo
 
 def _split_touching(mask: np.ndarray, spacing: np.ndarray) -> list[np.ndarray] | None:
     """Two lungs joined at the anterior (or posterior) junction: erode a coarse copy until it
-    falls apart into two large pieces, then give every voxel to the nearer piece."""
+    falls apart into two large pieces, then give every voxel to the nearer piece.
+
+    The copy has its vessel holes filled (slice by slice) first: a lung riddled with vessel lumens
+    erodes from the inside and is gone before the junction opens. Only vessel-sized holes are
+    filled, not the mediastinum where the lungs meet in front and behind in one slice."""
+    boxes = ndi.find_objects(mask.astype(np.uint8))
+    if not boxes:
+        return None
+    box = boxes[0]  # work in the mask's box: a fraction of the field of view
+    parts = _split_in_box(mask[box], spacing)
+    if parts is None:
+        return None
+    out = []
+    for part in parts:
+        full = np.zeros_like(mask)
+        full[box] = part
+        out.append(full)
+    return out
+
+
+def _split_in_box(mask: np.ndarray, spacing: np.ndarray) -> list[np.ndarray] | None:
     step = np.maximum(1, np.round(2.0 / spacing).astype(int))
     coarse = mask[:: step[0], :: step[1], :: step[2]]
+    holes, n = ndi.label(ndi.binary_fill_holes(coarse, structure=_INPLANE) & ~coarse, structure=_INPLANE)
+    if n:
+        area = np.bincount(holes.ravel()) * float(spacing[0] * step[0] * spacing[1] * step[1])
+        vessel = area <= _MAX_VESSEL_HOLE_MM2
+        vessel[0] = False
+        coarse = coarse | vessel[holes]
+    del holes
     struct = ndi.generate_binary_structure(3, 1)
     total = coarse.sum()
     eroded = coarse
@@ -325,7 +355,7 @@ def _lungmask(ct: np.ndarray, weights: str | None, patient) -> np.ndarray:
         raise CtpmError("the lungmask backend needs the package: pip install 'ctpm[lungmask]'") from None
     inferer = LMInferer(modelname="R231", modelpath=str(weights), tqdm_disable=True)
     # lungmask expects the array as SimpleITK gives a DICOM axial series: (slice, row, col) with
-    # rows running anterior -> posterior and columns patient right -> left.
-    arr = np.transpose(ct[:, ::-1, :], (2, 1, 0))
+    # rows running anterior -> posterior and columns patient right -> left (RAS i and j reversed).
+    arr = np.transpose(ct[::-1, ::-1, :], (2, 1, 0))
     seg = inferer.apply(arr)  # 1 right, 2 left
-    return np.ascontiguousarray(np.transpose(seg, (2, 1, 0))[:, ::-1, :]).astype(np.uint8)
+    return np.ascontiguousarray(np.transpose(seg, (2, 1, 0))[::-1, ::-1, :]).astype(np.uint8)

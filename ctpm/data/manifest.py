@@ -88,7 +88,8 @@ def load_manifest(path: str | Path, *, require_spect: bool = True, cohort: str |
     root = path.parent
     patients: list[Patient] = []
     seen: dict[str, int] = {}
-    for n, raw in enumerate(reader, start=2):  # row 1 is the header
+    for raw in reader:
+        n = reader.line_num  # the row's line in the file (row 1 is the header; blank lines count)
         row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k is not None}
         if not any(row.values()):
             continue  # a blank line

@@ -77,7 +77,7 @@ def preprocess_patient(patient: Patient | dict, cfg: PreprocessConfig | dict | N
     cfg = PreprocessConfig.from_any(cfg)
     data = patient_inputs(patient, with_spect=with_spect)
     pid = str(data.get("patient_id", "?"))
-    d = grid_stage(cfg, with_spect=with_spect)(data)
+    d = _apply(grid_stage(cfg, with_spect=with_spect), data, pid)
     ct_grid = d["ct"]
     original = _original_geometry(ct_grid)
     keys = ["ct", "mask"] + (["spect"] if with_spect else [])
@@ -86,7 +86,7 @@ def preprocess_patient(patient: Patient | dict, cfg: PreprocessConfig | dict | N
     if not sides:
         raise CtpmError("no lung left after segmentation", patient=pid)
     for side in sides:
-        d = lung_stage(cfg, side, keys)(d)
+        d = _apply(lung_stage(cfg, side, keys), d, pid)
 
     native_labels, native_affine, native_ct = d.pop("native_lungs")
 
@@ -115,6 +115,22 @@ def preprocess_patient(patient: Patient | dict, cfg: PreprocessConfig | dict | N
                                    native_affine, original[1], original[0]) if keep_grid else None),
         dicom=d.get("dicom_ct", {}),
     )
+
+
+def _apply(transform, data: dict, pid: str) -> dict:
+    """Run a Compose; MONAI wraps every exception of a transform in RuntimeError("applying
+    transform ..."): a user error (CtpmError) inside is raised as itself, so that callers (the
+    cache, the command-line tools) can report it and go on with the other patients."""
+    try:
+        return transform(data)
+    except Exception as exc:
+        seen, cause = set(), exc
+        while cause is not None and id(cause) not in seen:
+            if isinstance(cause, CtpmError):
+                raise cause.with_context(patient=pid) from None
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        raise
 
 
 def _original_geometry(img: MetaTensor) -> tuple[tuple[int, int, int], np.ndarray]:
@@ -146,7 +162,7 @@ def restore_to_grid(roi: dict[str, np.ndarray], lung_ops: dict[str, list], grid_
         stage = lung_stage(cfg, side, IMAGE_KEYS)
         ref = with_history(np.zeros((1, 1, 1, 1), np.float32), np.eye(4), lung_ops[side])
         inv = Invertd(keys="pred", transform=stage, orig_keys=f"ct_{side}", nearest_interp=False)
-        pred = torch.as_tensor(np.asarray(roi[side], np.float32))
+        pred = torch.as_tensor(np.array(roi[side], np.float32))  # a copy: roi may be a read-only memmap
         pred = pred[None] if pred.ndim == 3 else pred
         back = inv({"pred": MetaTensor(pred), f"ct_{side}": ref})["pred"]
         arr = back[0].numpy()
@@ -167,15 +183,17 @@ def resample_to_grid(array: np.ndarray, src_affine: np.ndarray, dst_affine: np.n
 
 
 def restore_to_ct(grid_map: np.ndarray, grid_lungs: np.ndarray, grid_affine: np.ndarray,
-                  ct_affine: np.ndarray, ct_shape) -> np.ndarray:
+                  ct_affine: np.ndarray, ct_shape, ct_lungs: np.ndarray | None = None) -> np.ndarray:
     """A map on the evaluation grid -> the original CT grid (linear). Interpolation is normalised
-    by the lung mask, so lung voxels at the boundary are not pulled towards the 0 outside."""
+    by the lung mask, so lung voxels at the boundary are not pulled towards the 0 outside. With
+    `ct_lungs` (the lung labels on the CT grid) the map covers exactly those voxels; without, the
+    voxels that lie at least half inside the resampled lungs."""
     m = (grid_lungs > 0).astype(np.float32)
     both = np.stack([grid_map * m, m])
     back = _resample_channels(both, grid_affine, ct_affine, ct_shape, "bilinear")
     num, den = back[0], back[1]
     out = np.zeros_like(num)
-    inside = den >= 0.5
+    inside = (den > 1e-3) & (ct_lungs > 0) if ct_lungs is not None else den >= 0.5
     out[inside] = num[inside] / den[inside]
     return out
 

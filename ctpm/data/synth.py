@@ -1,7 +1,7 @@
 """Synthetic SPECT/CT patients that behave like the paper's cohorts (``ctpm-synth``).
 
 Real perfusion SPECT/CT cannot be shipped, so ctpm trains and is tested on phantoms. Each patient
-is a set of analytic shapes in world coordinates (RAS, mm), so that the same anatomy can be drawn
+is a set of analytic shapes in world coordinates (mm), so that the same anatomy can be drawn
 on any grid: the CT on the institution's CT grid, the truth perfusion on a working grid, the SPECT
 on the camera's own grid. What the phantom holds, and why:
 
@@ -20,6 +20,10 @@ on the camera's own grid. What the phantom holds, and why:
   size, origin and orientation), Poisson counts, light reconstruction smoothing.
 
 Every number comes from ``conf/synth.yaml``. The same seed gives the same bytes.
+
+The shapes are drawn in a frame whose x points to the patient's LEFT (heart, stomach, descending
+aorta and the lower diaphragm dome at +x); the files are RAS (x to the patient's right), so every
+stored affine mirrors x (``PHANTOM_TO_RAS``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from ctpm.data.manifest import write_manifest
 from ctpm.errors import CtpmError
 
 LOBES = {1: "LUL", 2: "LLL", 3: "RUL", 4: "RML", 5: "RLL"}
+# phantom frame (x to the patient's left) -> world RAS (x to the patient's right)
+PHANTOM_TO_RAS = np.diag([-1.0, 1.0, 1.0, 1.0])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -48,7 +54,7 @@ LOBES = {1: "LUL", 2: "LLL", 3: "RUL", 4: "RML", 5: "RLL"}
 
 @dataclass(frozen=True)
 class Grid:
-    """An axis-aligned grid in canonical RAS order: world = origin + index * spacing."""
+    """An axis-aligned grid in the phantom frame: world = origin + index * spacing."""
 
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
@@ -286,7 +292,8 @@ def _u(rng: np.random.Generator, lohi) -> float:
 
 
 class Phantom:
-    """One synthetic patient: anatomy drawn from `physics`, in world RAS mm around (cx, cy)."""
+    """One synthetic patient: anatomy drawn from `physics`, in phantom-frame mm (x to the patient's
+    left, y anterior, z superior) around (cx, cy)."""
 
     def __init__(self, rng: np.random.Generator, cohort: str, institution: str, physics: dict, fov_z: tuple[float, float]):
         self.rng, self.cohort, self.institution = rng, cohort, institution
@@ -563,15 +570,15 @@ def make_patient(
     ct_aff, ct_flip = stored_affine(ct_grid, (True, True, False) if institution == "A" else (False, True, True))
     data = PatientData(
         patient_id=patient_id, cohort=cohort, institution=institution,
-        ct=np.ascontiguousarray(ct[ct_flip]), ct_affine=ct_aff,
+        ct=np.ascontiguousarray(ct[ct_flip]), ct_affine=PHANTOM_TO_RAS @ ct_aff,
         lobes=np.ascontiguousarray(lobes[ct_flip]),
-        spect=spect, spect_affine=spect_aff,
-        perfusion=perf, perfusion_affine=wgrid.affine, tumor_diameter_mm=diameter,
+        spect=spect, spect_affine=PHANTOM_TO_RAS @ spect_aff,
+        perfusion=perf, perfusion_affine=PHANTOM_TO_RAS @ wgrid.affine, tumor_diameter_mm=diameter,
     )
     if with_dose and cohort == "cancer" and tumour_spheres:
         dgrid = Grid.around(lo - 40, hi + 40, max(ws, 2.5))
         data.dose = plan_dose(dgrid, tumour_spheres, physics["dose"], rng)
-        data.dose_affine = dgrid.affine
+        data.dose_affine = PHANTOM_TO_RAS @ dgrid.affine
     return data
 
 

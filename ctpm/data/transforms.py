@@ -113,7 +113,8 @@ def volume_to_metatensor(vol: Volume, source: str | None = None) -> MetaTensor:
 
 class LoadVolumed(MapTransform):
     """Read each key's path with ``ctpm.data.io.load_image`` (NIfTI or DICOM series, checked) into
-    a channel-first MetaTensor. ``kinds`` maps keys to image kinds (ct, spect, label)."""
+    a channel-first MetaTensor. ``kinds`` maps keys to image kinds (ct, spect, label). The paths
+    are kept in ``sources`` ({key: path}), so that later errors can name the file."""
 
     def __init__(self, keys, kinds: Mapping[str, str], allow_missing_keys: bool = True):
         super().__init__(keys, allow_missing_keys)
@@ -121,6 +122,7 @@ class LoadVolumed(MapTransform):
 
     def __call__(self, data):
         d = dict(data)
+        sources = dict(d.get("sources", {}))
         for key in self.key_iterator(d):
             value = d[key]
             if value is None or isinstance(value, MetaTensor):
@@ -128,10 +130,12 @@ class LoadVolumed(MapTransform):
             if isinstance(value, Volume):
                 d[key] = volume_to_metatensor(value)
                 continue
+            sources[key] = str(value)
             vol = load_image(value, kind=self.kinds.get(key, "ct"), patient=d.get("patient_id"))
             if key == "ct":
                 d["dicom_ct"] = {k: v for k, v in vol.meta.items() if k != "files"}
             d[key] = volume_to_metatensor(vol, str(value))
+        d["sources"] = sources
         for key in list(d):
             if d[key] is None:
                 del d[key]
@@ -155,17 +159,28 @@ class SegmentLungsd(MapTransform):
         ct = d[self.ct_key]
         spacing = np.asarray(ct.pixdim, float)[:3]
         pid = d.get("patient_id")
-        if self.mask_key in d:
-            given = np.rint(d.pop(self.mask_key)[0].numpy()).astype(np.uint8)
-            if given.shape != tuple(ct.shape[1:]):
-                raise CtpmError(
-                    f"lung_mask has shape {given.shape}, the CT {tuple(ct.shape[1:])}: it must be on the CT's grid",
-                    patient=pid,
-                )
-            labels = _labels_from_mask(given, spacing, pid)
-        else:
-            labels = segment_lungs(ct[0].numpy(), spacing, backend=self.backend, patient=pid,
-                                   lungmask_weights=self.weights, config=self.lung_cfg)
+        sources = d.get("sources", {})
+        given_mask = self.mask_key in d
+        try:
+            if given_mask:
+                mask_img = d.pop(self.mask_key)
+                given = np.rint(mask_img[0].numpy()).astype(np.uint8)
+                if given.shape != tuple(ct.shape[1:]):
+                    raise CtpmError(
+                        f"lung_mask has shape {given.shape}, the CT {tuple(ct.shape[1:])}: it must be on the CT's grid",
+                        patient=pid,
+                    )
+                # same shape is not enough: a mask saved without the CT's affine lies elsewhere
+                off = float(np.abs(mask_img.affine.numpy() - ct.affine.numpy()).max())
+                if off > 0.01:
+                    raise CtpmError(f"lung_mask is not on the CT's grid (its affine differs from the CT's by up to "
+                                    f"{off:.3g} mm); save it with the CT's affine", patient=pid)
+                labels = _labels_from_mask(given, spacing, pid)
+            else:
+                labels = segment_lungs(ct[0].numpy(), spacing, backend=self.backend, patient=pid,
+                                       lungmask_weights=self.weights, config=self.lung_cfg)
+        except CtpmError as err:  # no lung in this CT (or mask): name that file
+            raise err.with_context(patient=pid, path=sources.get(self.mask_key if given_mask else self.ct_key)) from None
         # the labels on the CT's own grid, kept for the QA mask written in the CT's geometry
         d["native_lungs"] = (labels, ct.affine.numpy().copy(), ct[0].numpy())
         onehot = np.stack([labels == RIGHT, labels == LEFT]).astype(np.float32)
@@ -207,11 +222,11 @@ def _labels_from_mask(mask: np.ndarray, spacing, pid) -> np.ndarray:
     labels = np.zeros(mask.shape, np.uint8)
     if len(parts) == 2:
         cx = [np.nonzero(p.any(axis=(1, 2)))[0].mean() for p in parts]
-        r, l = (parts[0], parts[1]) if cx[0] < cx[1] else (parts[1], parts[0])
+        r, l = (parts[0], parts[1]) if cx[0] > cx[1] else (parts[1], parts[0])  # RAS: right lung at larger i
         labels[r], labels[l] = RIGHT, LEFT
     elif len(parts) == 1:
         x = np.nonzero(parts[0].any(axis=(1, 2)))[0].mean()
-        labels[parts[0]] = LEFT if x > mask.shape[0] / 2 else RIGHT
+        labels[parts[0]] = RIGHT if x > mask.shape[0] / 2 else LEFT
     return check_lungs(labels, spacing, patient=pid)
 
 
@@ -241,7 +256,7 @@ class CheckOverlapd(MapTransform):
                     f"{key} does not overlap the lungs of the CT in world coordinates (covers {100 * frac:.0f}% "
                     f"of them; {key} spans {np.round(lo).tolist()}..{np.round(hi).tolist()} mm, lungs "
                     f"{np.round(ref_lo).tolist()}..{np.round(ref_hi).tolist()} mm); is it registered to this CT?",
-                    patient=d.get("patient_id"),
+                    patient=d.get("patient_id"), path=d.get("sources", {}).get(key),
                 )
         return d
 
@@ -291,7 +306,7 @@ class StandardiseSpectd(MapTransform):
             try:
                 arr, p = standardise_spect(d[key][0].numpy(), d[self.mask_key][0].numpy(), self.percentile, self.clip)
             except CtpmError as err:
-                raise err.with_context(patient=d.get("patient_id")) from None
+                raise err.with_context(patient=d.get("patient_id"), path=d.get("sources", {}).get(key)) from None
             d[key] = _like(d[key], torch.from_numpy(arr)[None])
             d[f"percentile_{key}"] = p
         return d
@@ -342,7 +357,10 @@ def grid_stage(cfg: PreprocessConfig, *, with_spect: bool) -> Compose:
     """
     t: list = [
         LoadVolumed(["ct", "spect", "lung_mask"], kinds={"ct": "ct", "spect": "spect", "lung_mask": "label"}),
-        Orientationd(keys=["ct", "lung_mask"], axcodes="RAS", allow_missing_keys=True),
+        # labels: RAS+ as NIfTI means it (x grows towards the patient's Right), stated so that
+        # MONAI's coming default (labels=None: the MetaTensor's space) cannot change it
+        Orientationd(keys=["ct", "lung_mask"], axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")),
+                     allow_missing_keys=True),
         SegmentLungsd(backend=cfg.lung_backend, lungmask_weights=cfg.lungmask_weights, lung=cfg.lung),
         CropForegroundd(keys=["ct", "lungs"], source_key="lungs", margin=2, allow_smaller=True),  # 2 voxels: interpolation support
         Spacingd(keys=["ct", "lungs"], pixdim=tuple(cfg.spacing), mode=("bilinear", "bilinear"),

@@ -53,7 +53,8 @@ class GridVolumes:
         return resample_to_grid(vol.array, vol.affine, self.affine, self.shape, mode)
 
 
-def grid_volumes(patient: Patient, cfg: PreprocessConfig) -> GridVolumes:
+def grid_volumes(patient: Patient, cfg: PreprocessConfig | dict | None = None) -> GridVolumes:
+    cfg = PreprocessConfig.from_any(cfg)
     d = grid_stage(cfg, with_spect=True)(patient_inputs(patient, with_spect=True))
     aff = d["ct"].affine.numpy().copy()
     gv = GridVolumes(patient, aff, d["ct"][0].numpy(), d["spect"][0].numpy(), d["mask"][0].numpy() > 0,

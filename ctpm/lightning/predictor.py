@@ -98,11 +98,11 @@ class Predictor:
         pre = preprocess_patient(patient, self.cfg, with_spect=False, keep_grid=True)
         mean, std = self.roi_maps(pre)
         grid = restore_to_grid(mean, pre.lung_ops, pre.grid_lungs, self.cfg)
-        perf = restore_to_ct(grid, pre.grid_lungs, pre.grid_affine, pre.ct_affine, pre.ct_shape)
+        perf = restore_to_ct(grid, pre.grid_lungs, pre.grid_affine, pre.ct_affine, pre.ct_shape, pre.ct_lungs)
         sd = None
         if std is not None:
             sd = restore_to_ct(restore_to_grid(std, pre.lung_ops, pre.grid_lungs, self.cfg),
-                               pre.grid_lungs, pre.grid_affine, pre.ct_affine, pre.ct_shape)
+                               pre.grid_lungs, pre.grid_affine, pre.ct_affine, pre.ct_shape, pre.ct_lungs)
         mask = pre.ct_eval_mask > 0
         functional = np.zeros(perf.shape, np.uint8)
         functional[mask & (perf < self.threshold)] = LOW

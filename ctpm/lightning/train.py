@@ -35,7 +35,9 @@ def instantiate_list(cfg: DictConfig | None) -> list[Any]:
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
-    """Datamodule, model, callbacks, loggers and trainer of a job config."""
+    """Datamodule, model, callbacks, loggers and trainer of a job config (seeded first: the
+    network's initial weights depend on it)."""
+    pl.seed_everything(int(cfg.seed), workers=True)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="object")
     # as JSON text: instantiate() would otherwise build the network config it is handed
     net_config = json.dumps(OmegaConf.to_container(cfg.model.net, resolve=True))
@@ -49,7 +51,6 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test and predict one job; returns its metrics (val/* and test/*)."""
-    pl.seed_everything(int(cfg.seed), workers=True)
     objects: dict[str, Any] = {}
     try:
         objects = build(cfg)

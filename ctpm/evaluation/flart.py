@@ -1,0 +1,519 @@
+"""Dose metrics of the lungs for functional lung avoidance radiotherapy (FLART) planning.
+
+A plan is judged by how much dose the lungs receive (paper, "Introduction": FLART spares the high
+functional lung, Matuszak et al. report the mean dose in the high functional region); a perfusion
+map turns the anatomical metrics into functional ones by weighting each voxel with its perfusion:
+
+- ``MLD`` (Gy): mean lung dose, the mean of the dose over the lung voxels;
+- ``V5``, ``V20``, ``V30`` (%): share of the lung volume that receives at least 5, 20, 30 Gy;
+- ``fMLD`` (Gy): perfusion-weighted mean dose, sum(D * p) / sum(p);
+- ``fV5``, ``fV20``, ``fV30`` (%): share of the lung perfusion in the voxels that receive at least
+  5, 20, 30 Gy, 100 * sum(p over D >= x) / sum(p).
+
+Each is given for both lungs together, for each lung (``_right``, ``_left``) and, with a lobe map
+(labels 1 LUL, 2 LLL, 3 RUL, 4 RML, 5 RLL), for each lobe (``_LUL`` ...). Everything is computed on
+the grid of the lung mask (the CT's grid): the dose, and a perfusion map given on another grid
+(SPECT), are interpolated trilinearly at the centres of the lung voxels in world coordinates.
+
+Perfusion is the CT-based map of ``ctpm-predict`` (standardised: 1.0 = normal-functioning lung) or
+a SPECT, standardised the same way (÷ its 75th percentile in the lungs, clipped to 1) so that both
+weight the dose with the same quantity. The scale itself cancels in fMLD and fVx; the clip does not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+
+from ctpm.data.io import LPS_TO_RAS, Volume, load_image
+from ctpm.data.lungs import LEFT, RIGHT
+from ctpm.data.manifest import Manifest
+from ctpm.data.transforms import standardise_spect
+from ctpm.errors import CtpmError, warn
+from ctpm.evaluation.evaluate import find_predictions
+from ctpm.evaluation.report import _write_atomic, json_safe
+from ctpm.evaluation.stats import LOBES, describe, paired_comparison
+
+THRESHOLDS_GY = (5.0, 20.0, 30.0)
+#: Lobe labels of the lobe map (design card) and which lung each belongs to.
+LOBE_LABELS = {i + 1: name for i, name in enumerate(LOBES)}
+RIGHT_LOBES, LEFT_LOBES = (3, 4, 5), (1, 2)
+#: The source of the per-patient rows SPECT-based minus CT-based (the others: "ct", "spect").
+DIFFERENCE = "spect_minus_ct"
+#: The metrics whose SPECT-vs-CT difference is tested (paired Wilcoxon) in summary.json.
+TESTED = ("fMLD", "fV20")
+#: No lung plan comes near this; a dose above it is almost certainly in cGy.
+MAX_PLAUSIBLE_GY = 300.0
+# RT Dose summation types that are a part of the plan's dose, not the plan's: metrics of these
+# would look valid and be wrong.
+PARTIAL_DOSE_TYPES = ("BEAM", "FRACTION", "CONTROL_POINT", "BEAM_SESSION", "FRACTION_SESSION", "BRACHY_SESSION")
+
+
+def metric_names(thresholds_gy: Sequence[float] = THRESHOLDS_GY) -> list[str]:
+    """Names of the metrics in output order: MLD, Vx..., fMLD, fVx..."""
+    vx = [f"V{x:g}" for x in thresholds_gy]
+    return ["MLD", *vx, "fMLD", *(f"f{v}" for v in vx)]
+
+
+def metric_units(thresholds_gy: Sequence[float] = THRESHOLDS_GY) -> dict[str, str]:
+    return {m: ("Gy" if m.endswith("MLD") else "%") for m in metric_names(thresholds_gy)}
+
+
+# --------------------------------------------------------------------------------------------------
+# The metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def dose_metrics(dose_gy: np.ndarray, perfusion: np.ndarray | None = None,
+                 thresholds_gy: Sequence[float] = THRESHOLDS_GY) -> dict[str, float]:
+    """MLD (Gy) and Vx (%) of the voxels' dose, and with a perfusion per voxel fMLD (Gy) and fVx (%).
+
+    dose_gy, perfusion: values of the same voxels (any shape, same size). Negative perfusion (a
+    CT-based map may dip below 0 near the pleura) weighs nothing. Undefined values are NaN: no voxel,
+    or no perfusion at all.
+    """
+    d = np.asarray(dose_gy, np.float64).ravel()
+    out: dict[str, float] = dict.fromkeys(metric_names(thresholds_gy), math.nan)
+    if d.size:
+        out["MLD"] = float(d.mean())
+        for x in thresholds_gy:
+            out[f"V{x:g}"] = 100.0 * float(np.count_nonzero(d >= x)) / d.size
+    if perfusion is None:
+        return {k: v for k, v in out.items() if not k.startswith("f")}
+    w = np.clip(np.asarray(perfusion, np.float64).ravel(), 0.0, None)
+    if w.shape != d.shape:
+        raise ValueError(f"dose has {d.size} voxels, perfusion {w.size}")
+    total = float(w.sum())
+    if total > 0:
+        out["fMLD"] = float((d * w).sum() / total)
+        for x in thresholds_gy:
+            out[f"fV{x:g}"] = 100.0 * float(w[d >= x].sum()) / total
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the dose
+# --------------------------------------------------------------------------------------------------
+
+
+def load_dose(path: str | Path, *, patient: str | None = None, unit: str = "Gy") -> Volume:
+    """A plan dose in Gy from a NIfTI file (in `unit`: Gy or cGy), a DICOM RT Dose file, or a folder
+    holding one RT Dose file."""
+    path = Path(path)
+    if unit not in ("Gy", "cGy"):
+        raise CtpmError(f"dose_unit must be Gy or cGy, not {unit!r}")
+    if path.name.endswith((".nii", ".nii.gz")):
+        vol = load_image(path, kind="dose", patient=patient)
+        if unit == "cGy":
+            vol.array /= 100.0
+    else:
+        try:
+            vol = read_rtdose(_rtdose_file(path))
+        except CtpmError as err:
+            raise err.with_context(patient=patient, path=path) from None
+        vol.meta["source"] = str(path)
+    top = float(vol.array.max())
+    if top > MAX_PLAUSIBLE_GY:
+        hint = " (is it in cGy? pass dose_unit=cGy)" if unit == "Gy" and vol.meta.get("format") == "nifti" else ""
+        raise CtpmError(f"dose reaches {top:.0f} Gy, more than any lung plan{hint}", patient=patient, path=path)
+    if float(vol.array.min()) < -0.01 * max(top, 1e-6):
+        raise CtpmError(f"dose holds negative values (min {float(vol.array.min()):.3g} Gy)", patient=patient, path=path)
+    return vol
+
+
+def _rtdose_file(path: Path) -> Path:
+    import pydicom
+
+    if not path.exists():
+        raise CtpmError("file does not exist")
+    if path.is_file():
+        return path
+    found = []
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        try:
+            if pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["Modality"]).get("Modality") == "RTDOSE":
+                found.append(f)
+        except Exception:  # noqa: BLE001 - not DICOM (a README): not a dose
+            continue
+    if len(found) != 1:
+        raise CtpmError(f"folder holds {len(found)} RT Dose files; give the plan's RT Dose file itself")
+    return found[0]
+
+
+def read_rtdose(path: Path) -> Volume:
+    """A DICOM RT Dose file -> Volume in Gy on its own grid (world RAS, like ``ctpm.data.io``).
+
+    Dose = stored value x DoseGridScaling; frame k lies at ImagePositionPatient + GridFrameOffsetVector[k]
+    (relative to the first frame's, which covers both forms of the vector the standard allows) along
+    the normal of ImageOrientationPatient.
+    """
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
+        raise CtpmError(f"cannot read the DICOM file ({type(exc).__name__}: {exc})", path=path) from None
+    if ds.get("Modality") != "RTDOSE":
+        raise CtpmError(f"not an RT Dose (Modality {ds.get('Modality', 'missing')}); give the plan's RT Dose file",
+                        path=path)
+    units = str(ds.get("DoseUnits", "")).upper()
+    if units != "GY":
+        raise CtpmError(f"RT Dose is in {units or 'unknown'} units; an absolute dose in Gy (DoseUnits GY) is needed",
+                        path=path)
+    summation = str(ds.get("DoseSummationType", "")).upper()
+    if summation in PARTIAL_DOSE_TYPES:
+        raise CtpmError(f"RT Dose is a {summation} dose, not the plan's; export the plan dose (DoseSummationType PLAN)",
+                        path=path)
+    missing = [k for k in ("DoseGridScaling", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+               if k not in ds]
+    if missing:
+        raise CtpmError(f"RT Dose lacks {', '.join(missing)}", path=path)
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - compressed without a decoder, truncated
+        raise CtpmError(f"cannot read the RT Dose pixel data ({type(exc).__name__}: {exc})", path=path) from None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames < 2:
+        raise CtpmError("RT Dose has a single frame; a 3-D dose grid is needed", path=path)
+    offsets = np.asarray([float(v) for v in ds.get("GridFrameOffsetVector", [])])
+    if offsets.size != frames:
+        raise CtpmError(f"RT Dose has {frames} frames but {offsets.size} GridFrameOffsetVector values", path=path)
+    steps = np.diff(offsets - offsets[0])
+    step = float(np.median(steps))
+    if abs(step) < 1e-6 or np.max(np.abs(steps - step)) > 1e-3 + 1e-3 * abs(step):
+        raise CtpmError("RT Dose frames are not evenly spaced (GridFrameOffsetVector); resample it in the TPS",
+                        path=path)
+    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+    row_dir, col_dir = iop[:3], iop[3:]
+    dr, dc = (float(v) for v in ds.PixelSpacing)  # between rows, between columns
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * dc
+    lps[:3, 1] = col_dir * dr
+    lps[:3, 2] = np.cross(row_dir, col_dir) * step
+    lps[:3, 3] = [float(v) for v in ds.ImagePositionPatient]
+    gy = stored.reshape(frames, rows, cols).astype(np.float32) * np.float32(float(ds.DoseGridScaling))
+    array = np.ascontiguousarray(np.transpose(gy, (2, 1, 0)))  # (frame, row, col) -> (i = col, j = row, k = frame)
+    meta = {"format": "dicom", "modality": "RTDOSE", "dose_type": str(ds.get("DoseType", "")),
+            "dose_summation_type": summation,
+            "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", ""))}
+    return Volume(array, LPS_TO_RAS @ lps, meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Lungs, and every map sampled at the lung voxels
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LungRegions:
+    """The lung voxels of one patient, on the grid of their mask, and the regions among them.
+
+    world: (N, 3) world RAS mm of the voxel centres; regions: name -> (N,) bool ("lungs" always,
+    "right"/"left" when the sides are known, a lobe's name when a lobe map is given).
+    """
+
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    index: tuple[np.ndarray, np.ndarray, np.ndarray]
+    world: np.ndarray
+    regions: dict[str, np.ndarray] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def voxel_ml(self) -> float:
+        return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+    def values_of(self, vol: Volume, *, order: int = 1) -> tuple[np.ndarray, float]:
+        """`vol` at the lung voxels (trilinear for order 1, nearest for 0) and the fraction of them
+        that lie within its grid. Within half a voxel of the outermost centres the edge value is
+        taken (that is what the grid's voxels cover); further out 0."""
+        if vol.shape == self.shape and np.allclose(vol.affine, self.affine, atol=1e-4):
+            return np.asarray(vol.array[self.index], np.float32), 1.0
+        inv = np.linalg.inv(vol.affine)
+        idx = inv[:3, :3] @ self.world.T + inv[:3, 3:4]
+        n = np.asarray(vol.shape, float)[:, None]
+        inside = np.all((idx >= -0.5) & (idx <= n - 0.5), axis=0)
+        values = np.zeros(len(self.world), np.float32)
+        if inside.any():
+            values[inside] = ndi.map_coordinates(vol.array, idx[:, inside], order=order, mode="nearest")
+        return values, float(inside.mean())
+
+
+def lung_regions(lungs: Volume | None, lobes: Volume | None = None, *, patient: str | None = None) -> LungRegions:
+    """The lung voxels and regions from a lung mask and/or a lobe map.
+
+    lungs: 1 right / 2 left labels (``lungs.nii.gz`` of ctpm-preprocess, the prediction's lungs) or a
+    binary mask (0/1, or 0 and any one value: both lungs, sides unknown). lobes: 1 LUL, 2 LLL, 3 RUL, 4 RML, 5 RLL;
+    alone they define the lungs and their sides, with a mask they are read within it (and tell the
+    sides of a binary mask). The grid is the mask's (the lobe map's when there is no mask).
+    """
+    if lungs is None and lobes is None:
+        raise CtpmError("give the lungs (a lung mask or label map) or a lobe map", patient=patient)
+    ref = lungs if lungs is not None else lobes
+    labels = np.rint(ref.array).astype(np.int16)
+    where = ref.meta.get("source")
+    if lungs is not None:
+        present = set(np.unique(labels).tolist())
+        if len(present - {0}) == 1 and max(present) > 2:
+            labels = (labels > 0).astype(np.int16)  # a binary mask stored as 0 / 255 (or any one value)
+        elif not present <= {0, 1, 2}:
+            raise CtpmError(f"lung mask holds labels {sorted(present)[:8]}; expected 1 right / 2 left or a binary "
+                            "mask (give lobes as lobes=)", patient=patient, path=where)
+    inside = labels > 0
+    if not inside.any():
+        raise CtpmError("the lung mask is empty", patient=patient, path=where)
+    index = np.nonzero(inside)
+    ijk = np.stack(index).astype(np.float64)
+    world = (ref.affine[:3, :3] @ ijk + ref.affine[:3, 3:4]).T
+    out = LungRegions(ref.affine.copy(), ref.shape, index, world, {"lungs": np.ones(len(world), bool)})
+    values = labels[index]
+    lobe_values = None
+    if lobes is not None:
+        lobe_values = np.rint(out.values_of(lobes, order=0)[0]).astype(np.int16) if lungs is not None else values
+        bad = sorted(set(np.unique(lobe_values).tolist()) - {0, *LOBE_LABELS})
+        if bad:
+            raise CtpmError(f"lobe map holds labels {bad}; expected 1 LUL, 2 LLL, 3 RUL, 4 RML, 5 RLL",
+                            patient=patient, path=lobes.meta.get("source"))
+    if lungs is not None and np.any(values == LEFT):
+        out.regions["right"], out.regions["left"] = values == RIGHT, values == LEFT
+        out.source = "lung labels"
+    elif lobe_values is not None:
+        out.regions["right"], out.regions["left"] = np.isin(lobe_values, RIGHT_LOBES), np.isin(lobe_values, LEFT_LOBES)
+        out.source = "lobes" if lungs is None else "lung mask, sides from lobes"
+    else:
+        out.source = "lung mask"
+    if lobe_values is not None:
+        for label, name in LOBE_LABELS.items():
+            out.regions[name] = lobe_values == label
+    return out
+
+
+def perfusion_at(regions: LungRegions, perfusion: Volume, *, kind: str, patient: str | None = None,
+                 min_coverage: float = 0.95) -> np.ndarray:
+    """Perfusion weights at the lung voxels: a CT-based map as it is, a SPECT standardised to its
+    75th percentile in the lungs and clipped to 1 (``standardise_spect``, as ctpm trains on)."""
+    if kind not in ("prediction", "spect"):
+        raise CtpmError(f"perfusion_kind must be prediction or spect, not {kind!r}")
+    values, coverage = regions.values_of(perfusion)
+    where = perfusion.meta.get("source")
+    if coverage < min_coverage:
+        raise CtpmError(f"the {kind} covers only {100 * coverage:.1f}% of the lungs; is it on this patient's CT?",
+                        patient=patient, path=where)
+    if kind == "spect":
+        try:
+            values, _ = standardise_spect(values, np.ones(values.shape, bool))
+        except CtpmError as err:
+            raise err.with_context(patient=patient, path=where) from None
+    if not np.any(values > 0):
+        raise CtpmError(f"the {kind} map is zero everywhere in the lungs; is it registered to this CT?",
+                        patient=patient, path=where)
+    return values
+
+
+def dose_at(regions: LungRegions, dose: Volume, *, patient: str | None = None,
+            min_coverage: float = 0.95) -> tuple[np.ndarray, float]:
+    """The dose (Gy) at the lung voxels, and the fraction of them inside the dose grid. Voxels
+    outside get 0 Gy; a grid that misses more than 1 - min_coverage of the lungs is refused (a
+    wrong or unregistered dose), one that misses less is accepted with a warning."""
+    values, coverage = regions.values_of(dose)
+    where = dose.meta.get("source")
+    if coverage == 0:
+        raise CtpmError("the dose grid does not overlap the lungs; is the dose in this CT's frame of reference?",
+                        patient=patient, path=where)
+    if coverage < min_coverage:
+        raise CtpmError(f"the dose grid covers only {100 * coverage:.1f}% of the lungs (at least "
+                        f"{100 * min_coverage:g}% needed); is it this patient's plan?", patient=patient, path=where)
+    if coverage < 1:
+        warn(f"the dose grid misses {100 * (1 - coverage):.2f}% of the lung voxels; they count as 0 Gy",
+             patient=patient)
+    return values, coverage
+
+
+def region_metrics(dose_gy: np.ndarray, perfusion: np.ndarray, regions: LungRegions,
+                   thresholds_gy: Sequence[float] = THRESHOLDS_GY) -> dict[str, float]:
+    """Every metric for every region: ``MLD``, ``fV20`` ... for both lungs, ``MLD_right``,
+    ``fV20_LUL`` ... for the lungs and lobes; ``volume_ml[_region]`` beside them."""
+    row: dict[str, float] = {}
+    for name, sel in regions.regions.items():
+        suffix = "" if name == "lungs" else f"_{name}"
+        row[f"volume_ml{suffix}"] = float(np.count_nonzero(sel)) * regions.voxel_ml
+        for metric, value in dose_metrics(dose_gy[sel], perfusion[sel], thresholds_gy).items():
+            row[f"{metric}{suffix}"] = value
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# One patient, a cohort
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FlartSettings:
+    thresholds_gy: tuple[float, ...] = THRESHOLDS_GY
+    dose_unit: str = "Gy"
+    min_dose_coverage: float = 0.95
+    min_perfusion_coverage: float = 0.95
+
+    def __post_init__(self):
+        self.thresholds_gy = tuple(sorted(float(x) for x in self.thresholds_gy))
+        if not self.thresholds_gy or min(self.thresholds_gy) < 0:
+            raise CtpmError("thresholds_gy must be a non-empty list of doses >= 0 Gy")
+        for name in ("min_dose_coverage", "min_perfusion_coverage"):
+            if not 0 < getattr(self, name) <= 1:
+                raise CtpmError(f"{name} must lie in (0, 1]")
+
+
+def flart_patient(dose: str | Path, perfusion: str | Path, *, lungs: str | Path | None = None,
+                  lobes: str | Path | None = None, kind: str = "prediction", patient_id: str = "patient",
+                  settings: FlartSettings | None = None) -> dict[str, Any]:
+    """The metrics of one plan with one perfusion map (a row of flart.csv)."""
+    s = settings or FlartSettings()
+    regions = lung_regions(_maybe_label(lungs, patient_id), _maybe_label(lobes, patient_id), patient=patient_id)
+    dose_vol = load_dose(dose, patient=patient_id, unit=s.dose_unit)
+    dose_gy, coverage = dose_at(regions, dose_vol, patient=patient_id, min_coverage=s.min_dose_coverage)
+    perf_vol = load_image(perfusion, kind="spect" if kind == "spect" else "perfusion", patient=patient_id)
+    perf = perfusion_at(regions, perf_vol, kind=kind, patient=patient_id, min_coverage=s.min_perfusion_coverage)
+    return {"patient_id": patient_id, "source": kind, "lungs_from": regions.source, "dose_coverage": coverage,
+            **region_metrics(dose_gy, perf, regions, s.thresholds_gy)}
+
+
+def lungs_file(lungs: str | Path, patient_id: str) -> Path:
+    """A patient's lung labels in a cohort: ``{patient_id}`` in `lungs` replaced by the id, or else
+    `lungs` taken as the folder of ctpm-preprocess, which writes ``<patient_id>/lungs.nii.gz`` (the
+    lungs the model saw, 1 right / 2 left, in the CT's geometry)."""
+    text = str(lungs)
+    if "{patient_id}" in text:
+        return Path(text.replace("{patient_id}", patient_id))
+    return Path(text) / patient_id / "lungs.nii.gz"
+
+
+def _maybe_label(path: str | Path | None, patient: str | None) -> Volume | None:
+    return None if path is None else load_image(path, kind="label", patient=patient)
+
+
+def flart_cohort(manifest: Manifest, predictions: Any, *, lungs: str | Path | None = None,
+                 settings: FlartSettings | None = None, progress: bool = False) -> dict[str, Any]:
+    """Every patient of the manifest with a dose: metrics with the CT-based map
+    (``<predictions>/<id>.nii.gz``) and with the SPECT, and SPECT minus CT-based.
+
+    Lungs, in this order: `lungs` (see :func:`lungs_file`), the manifest's ``lung_mask``, its
+    ``lobes``. Lobes, when the manifest has them, also give the per-lobe metrics. Every patient is
+    tried; problems are reported together, and nothing is returned unless every patient worked.
+
+    Returns {"rows": [...], "summary": {...}} (see :func:`summarise`).
+    """
+    from tqdm.auto import tqdm
+
+    s = settings or FlartSettings()
+    with_dose = [p for p in manifest if p.dose is not None]
+    if not with_dose:
+        raise CtpmError("no patient of the manifest has a dose (column 'dose')", path=manifest.path)
+    found, missing = find_predictions(predictions, [p.patient_id for p in with_dose])
+    if not found:
+        raise CtpmError(f"no CT-based prediction <patient_id>.nii.gz for any of the {len(with_dose)} patients with a "
+                        f"dose (e.g. {with_dose[0].patient_id}) in {predictions}")
+    if missing:
+        warn(f"{len(missing)} patient(s) with a dose have no CT-based prediction and are left out: "
+             f"{', '.join(missing)}")
+    rows: list[dict[str, Any]] = []
+    failed: list[str] = []
+    without_spect: list[str] = []
+    todo = [p for p in with_dose if p.patient_id in found]
+    for p in tqdm(todo, desc="ctpm-flart", unit="patient", disable=not progress or len(todo) < 2):
+        pid = p.patient_id
+        try:
+            lungs_path = lungs_file(lungs, pid) if lungs else p.lung_mask
+            if lungs_path is None and p.lobes is None:
+                raise CtpmError("no lungs: pass lungs=CACHE (the ctpm-preprocess folder, with "
+                                "<patient_id>/lungs.nii.gz) or give the manifest a lung_mask or lobes column")
+            regions = lung_regions(_maybe_label(lungs_path, pid), _maybe_label(p.lobes, pid), patient=pid)
+            dose_gy, coverage = dose_at(regions, load_dose(p.dose, patient=pid, unit=s.dose_unit), patient=pid,
+                                        min_coverage=s.min_dose_coverage)
+            ct_map = load_image(found[pid], kind="perfusion", patient=pid)
+            maps = {"ct": perfusion_at(regions, ct_map, kind="prediction", patient=pid,
+                                       min_coverage=s.min_perfusion_coverage)}
+            if p.spect is not None:
+                maps["spect"] = perfusion_at(regions, load_image(p.spect, kind="spect", patient=pid), kind="spect",
+                                             patient=pid, min_coverage=s.min_perfusion_coverage)
+            else:
+                without_spect.append(pid)
+        except CtpmError as err:
+            failed.append(str(err.with_context(patient=pid)))
+            continue
+        base = {"patient_id": pid, "cohort": p.cohort, "institution": p.institution,
+                "lungs_from": regions.source, "dose_coverage": coverage}
+        by_source = {src: region_metrics(dose_gy, w, regions, s.thresholds_gy) for src, w in maps.items()}
+        rows += [{**base, "source": src, **m} for src, m in by_source.items()]
+        if "spect" in by_source:
+            weighted = [k for k in by_source["ct"] if k.startswith("f")]
+            rows.append({**base, "source": DIFFERENCE,
+                         **{k: by_source["spect"][k] - by_source["ct"][k] for k in weighted}})
+    if failed:
+        raise CtpmError(f"{len(failed)} of {len(todo)} patients could not be evaluated:\n  " + "\n  ".join(failed))
+    if without_spect:
+        warn(f"{len(without_spect)} patient(s) have no SPECT; CT-based metrics only: {', '.join(without_spect)}")
+    summary = summarise(rows, s.thresholds_gy)
+    summary.update(missing_prediction=missing, without_spect=without_spect)
+    return {"rows": rows, "summary": summary}
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics and files
+# --------------------------------------------------------------------------------------------------
+
+
+def metric_columns(rows: Iterable[Mapping[str, Any]], thresholds_gy: Sequence[float] = THRESHOLDS_GY) -> list[str]:
+    """The metric columns present, whole lungs first, then right, left and the lobes."""
+    present = {k for r in rows for k in r}
+    out = []
+    for suffix in ["", "_right", "_left", *(f"_{lobe}" for lobe in LOBES)]:
+        for metric in ["volume_ml", *metric_names(thresholds_gy)]:
+            if f"{metric}{suffix}" in present:
+                out.append(f"{metric}{suffix}")
+    return out
+
+
+def summarise(rows: Sequence[Mapping[str, Any]], thresholds_gy: Sequence[float] = THRESHOLDS_GY) -> dict[str, Any]:
+    """Cohort statistics: n, mean, SD (ddof 1), min, max, median of every metric per source and of
+    every SPECT - CT-based difference, and the paired Wilcoxon signed-rank test of SPECT- against
+    CT-based fMLD and fV20 (:func:`ctpm.evaluation.stats.paired_comparison`; mean_difference is
+    SPECT minus CT-based)."""
+    df = pd.DataFrame(list(rows))
+    columns = metric_columns(rows, thresholds_gy)
+    by_source = {src: df[df["source"] == src] for src in df["source"].unique()} if len(df) else {}
+    summary: dict[str, Any] = {
+        "n_patients": int(df["patient_id"].nunique()) if len(df) else 0,
+        "thresholds_gy": list(thresholds_gy),
+        "units": {**metric_units(thresholds_gy), "volume_ml": "mL"},
+        "metrics": {src: {c: describe(pd.to_numeric(g[c], errors="coerce").dropna().to_numpy())
+                          for c in columns if c in g and g[c].notna().any()}
+                    for src, g in by_source.items() if src != DIFFERENCE},
+    }
+    if DIFFERENCE in by_source:
+        g = by_source[DIFFERENCE]
+        summary["difference"] = {c: describe(pd.to_numeric(g[c], errors="coerce").dropna().to_numpy())
+                                 for c in columns if c in g and g[c].notna().any()}
+        summary["tests"] = {m: {"a": "spect", "b": "ct", **paired_comparison(by_source["spect"], by_source["ct"], m)}
+                            for m in TESTED}
+    return summary
+
+
+def write_flart(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], out: str | Path,
+                thresholds_gy: Sequence[float] = THRESHOLDS_GY) -> dict[str, Path]:
+    """flart.csv (a row per patient and source) and summary.json, each written atomically."""
+    import json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lead = [c for c in ("patient_id", "cohort", "institution", "source", "lungs_from", "dose_coverage")
+            if any(c in r for r in rows)]
+    df = pd.DataFrame(list(rows), columns=lead + metric_columns(rows, thresholds_gy))
+    return {"csv": _write_atomic(out / "flart.csv", df.to_csv(index=False, float_format="%.6g")),
+            "summary": _write_atomic(out / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")}
