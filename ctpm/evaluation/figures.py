@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import matplotlib
+# No backend is forced here: headless processes fall back to Agg by themselves, and notebooks
+# keep their inline backend so that these figures show there.
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import to_rgba
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import to_rgba  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from ctpm.evaluation.stats import LOBES, format_p, lobe_agreement, paired_comparison  # noqa: E402
+from ctpm.evaluation.stats import LOBES, format_p, lobe_agreement, paired_comparison
 
 
 def slice_panel(ct: np.ndarray, spect: np.ndarray, pred: np.ndarray, *, title: str | None = None):

@@ -1,0 +1,86 @@
+"""Time to synthesise one patient: ``make_patient`` and ``write_patient`` (CT, SPECT, lobes, truth
+perfusion, dose), per preset and institution.
+
+Targets per patient, files included: ``small`` < 3 s, ``clinical`` < 30 s. The reference is the
+writing alone (compressed NIfTI), the part no phantom generator can avoid.
+
+Also the helpers the other benchmarks use to get a synthetic patient on disk.
+
+Run: ``python -m benchmarks.bench_synth [--quick]``; ``run()`` returns the rows for the README table.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from benchmarks.run import REPO, bench_main, median, repeats_text, row
+from ctpm.data.synth import PatientData, make_patient, write_patient
+
+TARGETS_S = {"small": 3.0, "clinical": 30.0}
+QUICK_TARGETS_S = {"tiny": TARGETS_S["small"]}  # smoke run: the small preset's bound holds for tiny
+INSTITUTIONS = ("A", "B")
+SEED = 0
+
+
+def synth_settings() -> dict[str, Any]:
+    """Presets, physics and the dose switch of ``conf/synth.yaml``, as ``ctpm-synth`` uses them."""
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "synth.yaml"), resolve=False)
+    return {"presets": cfg["presets"], "physics": cfg["physics"], "with_dose": bool(cfg["dose"])}
+
+
+def make_cancer_patient(preset: str, institution: str, settings: dict[str, Any] | None = None) -> PatientData:
+    """The first cancer-cohort patient of ``institution`` (the cancer cohort spans both)."""
+    s = settings or synth_settings()
+    return make_patient(f"LC-{institution}-001", "cancer", institution, s["presets"][preset], s["physics"],
+                        SEED, with_dose=s["with_dose"])
+
+
+def write_synthetic_patient(preset: str, institution: str, out: Path) -> dict[str, Any]:
+    """Write one cancer patient under ``out``: patient_id, absolute ct and spect paths, CT shape."""
+    data = make_cancer_patient(preset, institution)
+    files = write_patient(data, out)
+    return {"patient_id": data.patient_id, "ct": str(out / files["ct"]), "spect": str(out / files["spect"]),
+            "ct_shape": list(data.ct.shape)}
+
+
+def time_patient(preset: str, institution: str, settings: dict[str, Any]) -> tuple[float, float, tuple]:
+    """Seconds for make + write and for the write alone, and the CT's shape."""
+    with tempfile.TemporaryDirectory(prefix="ctpm-bench-synth-") as tmp:
+        start = time.perf_counter()
+        data = make_cancer_patient(preset, institution, settings)
+        made = time.perf_counter()
+        write_patient(data, Path(tmp))
+        done = time.perf_counter()
+    return done - start, done - made, data.ct.shape
+
+
+def run(quick: bool = False) -> list[dict]:
+    """One row per preset and institution: median seconds per patient against the write alone.
+
+    Args:
+        quick: the tiny preset, one run, instead of small and clinical, median of 3.
+    """
+    settings = synth_settings()
+    repeats = 1 if quick else 3
+    time_patient("tiny", "A", settings)  # first calls pay one-off costs (imports, allocator) that are not synth's
+    rows = []
+    for preset, target in (QUICK_TARGETS_S if quick else TARGETS_S).items():
+        for institution in INSTITUTIONS:
+            runs = [time_patient(preset, institution, settings) for _ in range(repeats)]
+            total, write = median([r[0] for r in runs]), median([r[1] for r in runs])
+            shape = "x".join(str(n) for n in runs[0][2])
+            rows.append(row(
+                "synth", f"one {preset} patient, institution {institution} (CT {shape}): make_patient + "
+                f"write_patient ({repeats_text(repeats)})", total, "s",
+                "write_patient alone", write, total / write, f"< {target:g} s", total < target,
+            ))
+    return rows
+
+
+if __name__ == "__main__":
+    bench_main(run)
