@@ -53,7 +53,7 @@ def run(cfg: DictConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "study.log"
     t_start = time.time()
-    exp = f"experiment={cfg.experiment}"
+    exp = f"experiment={cfg.train_experiment}"
     extra = [str(o) for o in cfg.train_overrides]
 
     manifest = Path(cfg.manifest) if cfg.manifest else out / "data" / "manifest.csv"
@@ -69,7 +69,7 @@ def run(cfg: DictConfig) -> Path:
     ckpt = pretrain_dir / "checkpoints" / "last.ckpt"
     if not (pretrain_dir / "job.json").exists():
         # the preprocessing the experiment trains with, from its composed config (no second copy)
-        prep = _experiment_preprocessing(cfg.experiment)
+        prep = _experiment_preprocessing(cfg.train_experiment)
         sh(["ctpm-preprocess", f"manifest={manifest}", f"out={out / 'cache'}", "roundtrip=true", f"workers={cfg.workers}",
             *[f"preprocessing.{k}={_ov(v)}" for k, v in prep.items()]], log)
         sh(["ctpm-train", exp, "stage=pretrain", *paths, f"hydra.run.dir={pretrain_dir}", *extra], log)

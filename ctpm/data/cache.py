@@ -95,8 +95,9 @@ class PreprocessCache:
         return self.root / patient_id / "lungs.nii.gz"
 
     # ---- validity ----
-    def problem(self, patient_id: str, *, need_spect: bool = True) -> str | None:
-        """Why the entry cannot be used (None when it can)."""
+    def problem(self, patient_id: str, *, need_spect: bool = True, patient: Patient | None = None) -> str | None:
+        """Why the entry cannot be used (None when it can). With `patient`, an entry made from other
+        input files (a regenerated cohort, an edited image) is stale too."""
         d = self.entry_dir(patient_id)
         meta_path = d / "meta.json"
         if not meta_path.is_file():
@@ -107,9 +108,11 @@ class PreprocessCache:
             return "meta.json unreadable"
         if meta.get("config_hash") != self.key:
             return "config mismatch"
-        if need_spect and "spect.npy" not in meta["files"]:
+        if need_spect and "spect.npy" not in meta.get("files", {}):
             return "no SPECT in entry"
-        for name, info in meta["files"].items():
+        if patient is not None and meta.get("inputs") is not None and meta["inputs"] != input_fingerprint(patient):
+            return "inputs changed since it was built"
+        for name, info in meta.get("files", {}).items():
             f = d / name
             if not f.is_file() or f.stat().st_size != info["bytes"]:
                 return f"{name} damaged (size)"
@@ -118,7 +121,7 @@ class PreprocessCache:
         return None
 
     # ---- writing ----
-    def write(self, pre: Preprocessed) -> Path:
+    def write(self, pre: Preprocessed, patient: Patient | None = None) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / f"{self.key}.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
         final = self.entry_dir(pre.patient_id)
@@ -147,6 +150,7 @@ class PreprocessCache:
                 "ct_affine": np.asarray(pre.ct_affine).tolist(),
                 "spect_percentile": pre.spect_percentile,
                 "dicom": pre.dicom,
+                "inputs": input_fingerprint(patient) if patient is not None else None,
                 "files": files,
             }
             (tmp / "meta.json").write_text(json.dumps(meta))
@@ -191,7 +195,7 @@ class PreprocessCache:
         rt: dict[str, float] = {}
         todo: list[Patient] = []
         for p in patients:
-            why = self.problem(p.patient_id, need_spect=with_spect)
+            why = self.problem(p.patient_id, need_spect=with_spect, patient=p)
             if why is None and not roundtrip and not (force and p.patient_id in force):
                 status[p.patient_id] = "cached"
                 continue
@@ -234,7 +238,7 @@ def _build_one(root, cfg, patient: Patient, with_spect: bool, roundtrip: bool):
     as its message, so one bad patient does not stop a cohort."""
     try:
         pre = preprocess_patient(patient, cfg, with_spect=with_spect, keep_grid=roundtrip)
-        PreprocessCache(root, cfg).write(pre)
+        PreprocessCache(root, cfg).write(pre, patient)
     except CtpmError as err:
         return str(err.with_context(patient=patient.patient_id))
     return roundtrip_r(pre, cfg) if roundtrip else None
@@ -249,6 +253,20 @@ def roundtrip_r(pre: Preprocessed, cfg) -> float:
     back = restore_to_grid({s: pre.spect[i] for i, s in enumerate(pre.sides)}, pre.lung_ops, pre.grid_lungs, cfg)
     m = pre.grid_mask > 0
     return float(spearman_r(back[m], pre.grid_spect[m]))
+
+
+def input_fingerprint(patient: Patient) -> dict[str, list]:
+    """Size and modification time of every input of a patient (all files of a DICOM folder)."""
+    out: dict[str, list] = {}
+    for name in ("ct", "spect", "lung_mask"):
+        path = getattr(patient, name, None)
+        if path is None:
+            continue
+        path = Path(path)
+        files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+        stats = [f.stat() for f in files]
+        out[name] = [str(path.resolve()), sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)]
+    return out
 
 
 def _crc(path: Path) -> int:

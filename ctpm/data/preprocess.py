@@ -199,7 +199,25 @@ def restore_to_ct(grid_map: np.ndarray, grid_lungs: np.ndarray, grid_affine: np.
 
 
 def labels_to_ct(grid_labels: np.ndarray, grid_affine: np.ndarray, ct_affine: np.ndarray, ct_shape) -> np.ndarray:
+    """Labels onto the CT grid: an exact axis permutation / flip when the source is the CT grid in
+    another orientation (the RAS-reoriented CT), nearest-neighbour resampling otherwise."""
+    same = _reorientation(grid_labels.shape, grid_affine, tuple(ct_shape), ct_affine)
+    if same is not None:
+        return np.ascontiguousarray(same(grid_labels)).astype(np.uint8)
     return np.rint(resample_to_grid(grid_labels.astype(np.float32), grid_affine, ct_affine, ct_shape, "nearest")).astype(np.uint8)
+
+
+def _reorientation(src_shape, src_affine, dst_shape, dst_affine):
+    """A function mapping an array on the source grid to the destination grid when both are the same
+    voxels in another axis order / direction (None otherwise)."""
+    import nibabel.orientations as nio
+
+    if sorted(src_shape) != sorted(dst_shape):
+        return None
+    transform = nio.ornt_transform(nio.io_orientation(src_affine), nio.io_orientation(dst_affine))
+    if not np.allclose(src_affine @ nio.inv_ornt_aff(transform, src_shape), dst_affine, atol=1e-3):
+        return None
+    return lambda a: nio.apply_orientation(a, transform)
 
 
 def _resample_channels(arr: np.ndarray, src_aff, dst_aff, dst_shape, mode) -> np.ndarray:

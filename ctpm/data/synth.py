@@ -126,21 +126,25 @@ class LatticeField:
         self.field = (f - f.mean()) / (f.std() + 1e-12)
 
     def on_grid(self, grid: Grid) -> np.ndarray:
-        """Separable trilinear interpolation onto an axis-aligned grid (cheap for large grids)."""
-        out = self.field
-        for d, ax in enumerate(grid.axes()):
-            u = np.clip((ax - self.lo[d]) / self.spacing, 0, self.field.shape[d] - 1.001)
-            i0 = np.floor(u).astype(np.intp)
-            w = (u - i0).astype(np.float32)
-            shape = [1, 1, 1]
-            shape[d] = -1
-            w = w.reshape(shape)
-            out = np.take(out, i0, axis=d) * (1 - w) + np.take(out, i0 + 1, axis=d) * w
-        return out
+        return sample_on_grid(self.field, self.lo, (self.spacing,) * 3, grid)
 
     def at(self, pts: np.ndarray) -> np.ndarray:
         u = ((pts - self.lo) / self.spacing).T
         return ndi.map_coordinates(self.field, u, order=1, mode="nearest")
+
+
+def sample_on_grid(field: np.ndarray, origin, spacing, grid: Grid) -> np.ndarray:
+    """Separable trilinear interpolation of a field on one axis-aligned grid onto another (cheap
+    for large grids: three 1-D passes instead of a 3-D gather); edge values beyond the field."""
+    out = field
+    for d, ax in enumerate(grid.axes()):
+        u = np.clip((ax - origin[d]) / spacing[d], 0, field.shape[d] - 1.001)
+        i0 = np.floor(u).astype(np.intp)
+        shape = [1, 1, 1]
+        shape[d] = -1
+        w = (u - i0).astype(np.float32).reshape(shape)
+        out = np.take(out, i0, axis=d) * (1 - w) + np.take(out, i0 + 1, axis=d) * w
+    return out
 
 
 def _smoothstep(t):
@@ -547,8 +551,20 @@ def make_patient(
             r[tr.descendants(i)] *= distal_scale
         return r
 
+    # ---- territories on the working grid (truth perfusion and, for compressed ones, the CT) ----
+    ws = float(preset["work_spacing"])
+    wgrid = Grid.around(lo - 24, hi + 24, ws)
+    compressed_factor = territory_factor(ph, wgrid, trees, compressed)
+    wedge_factor = territory_factor(ph, wgrid, trees, wedges)
+    # chronic compression leaves the distal lung oligaemic: less blood, lower density (mosaic
+    # attenuation), so this defect has a cause and a sign on CT; acute embolic wedges have neither
+    deficit = 1.0 - compressed_factor
+
+    def oligaemia(grid: Grid) -> np.ndarray:
+        return float(tu["oligaemia_hu"]) * sample_on_grid(deficit, wgrid.origin, wgrid.spacing, grid)
+
     # ---- CT ----
-    ct = _render_ct(ph, ct_grid, trees, vessel_radii, tumour_spheres, texture, emph_field, destruction, physics, rng)
+    ct = _render_ct(ph, ct_grid, trees, vessel_radii, tumour_spheres, texture, emph_field, destruction, oligaemia, physics, rng)
     X, Y, Z = ct_grid.mesh()
     lsl = ct_grid.index_range(*ph.lung_box())
     lobes = np.zeros(ct_grid.shape, np.uint8)
@@ -559,9 +575,8 @@ def make_patient(
         lobes[lsl][_spheres_mask(sub, tumour_spheres)] = 0
 
     # ---- truth perfusion on the working grid ----
-    ws = float(preset["work_spacing"])
-    wgrid = Grid.around(lo - 24, hi + 24, ws)
-    perf = _render_perfusion(ph, wgrid, trees, vessel_radii, tumour_spheres, hetero, emph_field, destruction, compressed, wedges, physics, rng)
+    perf = _render_perfusion(ph, wgrid, trees, vessel_radii, tumour_spheres, hetero, emph_field, destruction,
+                             compressed_factor * wedge_factor, physics, rng)
 
     # ---- SPECT on the institution's grid ----
     spect, spect_aff = _simulate_spect(perf, wgrid, ph, preset, physics, institution, rng)
@@ -614,7 +629,7 @@ def _spheres_mask(grid: Grid, spheres: list[tuple[np.ndarray, float]]) -> np.nda
     return m
 
 
-def _render_ct(ph: Phantom, grid: Grid, trees, vessel_radii, tumour_spheres, texture, emph_field, destruction, physics, rng) -> np.ndarray:
+def _render_ct(ph: Phantom, grid: Grid, trees, vessel_radii, tumour_spheres, texture, emph_field, destruction, oligaemia, physics, rng) -> np.ndarray:
     b, lu = physics["body"], physics["lungs"]
     x, y, z = grid.axes()
     nz = grid.shape[2]
@@ -691,6 +706,7 @@ def _render_ct(ph: Phantom, grid: Grid, trees, vessel_radii, tumour_spheres, tex
         np.where((side == 1) & (ph.fissure_distance(Xl, Yl, Zl, "right") > 0), np.abs(ph.horizontal_distance(Xl, Yl, Zl)), 1e3),
     )
     par = par + float(lu["fissure_hu"]) * np.exp(-((fis / 0.8) ** 2))
+    par = par - oligaemia(lsub)
     d = destruction(emph_field.on_grid(lsub), Zl)
     par = par * (1 - d) + float(physics["emphysema"]["hu"]) * d
     view = hu[lsl]
@@ -759,12 +775,46 @@ def _render_ct(ph: Phantom, grid: Grid, trees, vessel_radii, tumour_spheres, tex
     return np.rint(hu).astype(np.int16)
 
 
-def _render_perfusion(ph, grid, trees, vessel_radii, tumour_spheres, hetero, emph_field, destruction, compressed, wedges, physics, rng) -> np.ndarray:
+def territory_factor(ph: Phantom, grid: Grid, trees: dict[str, Tree], events: dict[str, list[tuple[int, float]]]) -> np.ndarray:
+    """Perfusion factor of the territories of occluded or compressed branches (1 elsewhere).
+
+    A branch's territory is the lung its terminal branches supply: every lung voxel belongs to the
+    nearest target point of its own lobe's tree (the tree was grown to fill the lobe from those
+    points), so the territory of a branch runs from it to the pleura, wedge-shaped as in embolism.
+    """
+    out = np.ones(grid.shape, np.float32)
+    if not any(events.values()):
+        return out
+    X, Y, Z = grid.mesh()
+    side = ph.lung_side(X, Y, Z)
+    lobes = ph.lobes(X, Y, Z, side)
+    idx = np.nonzero(side > 0)
+    pts = np.stack([grid.origin[k] + idx[k] * grid.spacing[k] for k in range(3)], 1)
+    lobe_vals = lobes[idx]
+    factor = np.ones(len(pts), np.float32)
+    for s_name, s_val in (("right", 1), ("left", 2)):
+        tr = trees[s_name]
+        if not events[s_name]:
+            continue
+        sel = side[idx] == s_val
+        owner = np.full(len(pts), -1)
+        for lb in np.unique(tr.lobe):
+            on = sel & (lobe_vals == lb)
+            pidx = np.nonzero(tr.lobe == lb)[0]
+            if on.any() and len(pidx):
+                owner[on] = pidx[cKDTree(tr.points[pidx]).query(pts[on])[1]]
+        for seg, f in events[s_name]:
+            inside = (owner >= tr.leaf_lo[seg]) & (owner < tr.leaf_hi[seg])
+            factor[inside & sel] *= f
+    out[idx] = factor
+    return out
+
+
+def _render_perfusion(ph, grid, trees, vessel_radii, tumour_spheres, hetero, emph_field, destruction, territory, physics, rng) -> np.ndarray:
     pf = physics["perfusion"]
     X, Y, Z = grid.mesh()
     side = ph.lung_side(X, Y, Z)
     lung = side > 0
-    lobes = ph.lobes(X, Y, Z, side)
     g = _u(rng, pf["gravity_per_cm"])
     cc = _u(rng, pf["craniocaudal_per_cm"])
     perf = (1 + g * (ph.cy + ph.acy - Y) / 10.0) * (1 + cc * (ph.z_apex - Z) / 10.0)
@@ -776,27 +826,7 @@ def _render_perfusion(ph, grid, trees, vessel_radii, tumour_spheres, hetero, emp
     pr = float(pf["pruning_factor"])
     perf = perf * (pr + (1 - pr) * _smoothstep(dist / float(pf["pruning_depth"])))
     perf = np.where(lung, perf, 0.0).astype(np.float32)
-    # territories of occluded / compressed branches
-    idx = np.nonzero(lung)
-    pts = np.stack([grid.origin[k] + idx[k] * grid.spacing[k] for k in range(3)], 1)
-    lobe_vals = lobes[idx]
-    for s_name, s_val in (("right", 1), ("left", 2)):
-        tr = trees[s_name]
-        events = compressed[s_name] + wedges[s_name]
-        if not events:
-            continue
-        sel = side[idx] == s_val
-        owner = np.full(len(pts), -1)
-        for lb in np.unique(tr.lobe):
-            on = sel & (lobe_vals == lb)
-            pidx = np.nonzero(tr.lobe == lb)[0]
-            if on.any() and len(pidx):
-                owner[on] = pidx[cKDTree(tr.points[pidx]).query(pts[on])[1]]
-        factor = np.ones(len(pts), np.float32)
-        for seg, f in events:
-            inside = (owner >= tr.leaf_lo[seg]) & (owner < tr.leaf_hi[seg])
-            factor[inside] *= f
-        perf[idx] *= factor
+    perf *= territory
     # large vessels carry blood but trap no MAA; the tumour traps none
     vessel = np.zeros(grid.shape, np.float32)
     lumen = float(pf["vessel_lumen_radius"])
