@@ -61,6 +61,17 @@ def tiny_cache(tiny_cohort, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def cache_copy(tiny_cache, tmp_path) -> Path:
+    """A copy of the tiny cache without splits.json: fold splits drawn by a test stay in it."""
+    import shutil
+
+    dst = tmp_path / "cache_copy"
+    shutil.copytree(tiny_cache, dst)
+    (dst / "splits.json").unlink(missing_ok=True)
+    return dst
+
+
 @pytest.fixture(autouse=True)
 def _quiet_library_warnings():
     with warnings.catch_warnings():

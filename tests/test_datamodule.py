@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -22,12 +21,8 @@ ROI = tuple(TINY_PREPROCESSING["roi_size"])
 
 
 @pytest.fixture
-def cache(tiny_cache, tmp_path) -> Path:
-    """A copy of the tiny cache, so that splits.json drawn here stays here."""
-    dst = tmp_path / "cache"
-    shutil.copytree(tiny_cache, dst)
-    (dst / "splits.json").unlink(missing_ok=True)
-    return dst
+def cache(cache_copy) -> Path:
+    return cache_copy
 
 
 def _dm(manifest, cache, **kw) -> CohortDataModule:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import shutil
 from pathlib import Path
 
 import hydra
@@ -22,12 +21,8 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 @pytest.fixture
-def own_cache(tiny_cache, tmp_path) -> Path:
-    """A copy of the tiny cache: fold splits (splits.json) drawn here do not leak into other tests."""
-    dst = tmp_path / "own_cache"
-    shutil.copytree(tiny_cache, dst)
-    (dst / "splits.json").unlink(missing_ok=True)
-    return dst
+def own_cache(cache_copy) -> Path:
+    return cache_copy
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ctpm.data.io import save_nifti
+from ctpm.data.io import atomic_directory, save_nifti
 from ctpm.data.manifest import Patient
 from ctpm.data.preprocess import Preprocessed, preprocess_patient
 from ctpm.data.transforms import PreprocessConfig, ops_from_json, ops_to_json
@@ -125,9 +125,7 @@ class PreprocessCache:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / f"{self.key}.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
         final = self.entry_dir(pre.patient_id)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.key}.tmp-", dir=final.parent))
-        try:
+        with atomic_directory(final, prefix=f".{self.key}.tmp-") as tmp:
             files: dict[str, Any] = {}
             arrays = {"ct": pre.ct, "lung": pre.lung, "mask": pre.mask}
             if pre.spect is not None:
@@ -154,12 +152,6 @@ class PreprocessCache:
                 "files": files,
             }
             (tmp / "meta.json").write_text(json.dumps(meta))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         if pre.ct_lungs is not None:
             save_nifti(pre.ct_lungs, pre.ct_affine, self.qa_lungs_path(pre.patient_id), dtype=np.uint8)
         return final

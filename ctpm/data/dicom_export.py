@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ctpm.data.io import LPS_TO_RAS, Volume, load_image
+from ctpm.data.io import LPS_TO_RAS, Volume, atomic_directory, load_image
 from ctpm.errors import CtpmError, warn
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -261,9 +260,7 @@ def write_perfusion_series(ct: Volume, perfusion: np.ndarray, folder: str | Path
     frames = np.ascontiguousarray(stored.transpose(2, 1, 0))  # (i = col, j = row, k) -> (k, row, col)
 
     series_uid, identity = generate_uid(), _identity(ct, anonymise)
-    tmp = folder.parent / f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(folder) as tmp:
         for k, (src_file, ct_uid) in enumerate(zip(ct.meta["files"], ct.meta["sop_instance_uids"], strict=True)):
             src = pydicom.dcmread(src_file, stop_before_pixels=True, specific_tags=list(GEOMETRY))
             ds = _new_dataset(ct, CT_IMAGE_STORAGE, "CT", identity, series_uid=series_uid)
@@ -291,12 +288,6 @@ def write_perfusion_series(ct: Volume, perfusion: np.ndarray, folder: str | Path
             ds.WindowCenter, ds.WindowWidth = "0.5", "1"
             ds.PixelData = frames[k].tobytes()
             ds.save_as(tmp / f"perfusion_{k + 1:04d}.dcm", enforce_file_format=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -12,8 +12,10 @@ written here and wrapped as a MONAI transform in ``ctpm.data.transforms``.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,6 +346,24 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype=np
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | Path, prefix: str | None = None):
+    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename, on any
+    error it is removed. A killed process leaves only a dot-named temporary folder, never a
+    `final` that looks complete."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix or f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_volume(vol: Volume, path: str | Path, dtype=np.float32) -> Path:
