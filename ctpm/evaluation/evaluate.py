@@ -264,6 +264,9 @@ def evaluate(
 def _light(gv: GridVolumes, pred: np.ndarray) -> dict[str, Any]:
     """The central slices of a patient (for the representative-case figure), not the whole volumes."""
     c = [int(np.mean(np.nonzero(gv.mask.any(axis=tuple(a for a in range(3) if a != k)))[0])) for k in range(3)]
+    one_lung = gv.mask & (gv.lungs == (RIGHT if (gv.mask & (gv.lungs == RIGHT)).any() else LEFT))
+    if one_lung.any():  # the sagittal view through the middle of one lung, not the mediastinum
+        c[0] = int(np.mean(np.nonzero(one_lung.any(axis=(1, 2)))[0]))
     out: dict[str, Any] = {"patient_id": gv.patient.patient_id, "spacing": np.linalg.norm(gv.affine[:3, :3], axis=0).tolist()}
     for name, arr in (("ct", gv.ct), ("spect", gv.spect), ("pred", pred), ("mask", gv.mask.astype(np.uint8))):
         out[name] = {"axial": arr[:, :, c[2]].copy(), "coronal": arr[:, c[1], :].copy(), "sagittal": arr[c[0], :, :].copy()}
