@@ -106,6 +106,37 @@ def test_prediction_equal_to_spect_scores_one(tiny_cohort, tmp_path):
                 assert row[f"mean_pred_{lobe}"] == pytest.approx(row[f"mean_spect_{lobe}"], abs=1e-6)
 
 
+@pytest.mark.parametrize("fault", ["elsewhere", "small grid", "zero"])
+def test_prediction_not_on_the_patient_is_refused(tiny_cohort, tmp_path, fault):
+    """A map of another geometry or an empty one would score silently as R = 0: one clear message
+    naming the patient and the file, exit 2, no report."""
+    p = load_manifest(tiny_cohort).cohort("cancer")[0]
+    cfg = {"spacing": TINY_PREPROCESSING["spacing"]}
+    gv = grid_volumes(p, cfg)
+    pred_dir = tmp_path / "pred"
+    pred_dir.mkdir()
+    aff = gv.affine.copy()
+    pred = np.clip(gv.spect, 0, 1)
+    if fault == "elsewhere":
+        aff[:3, 3] += [0.0, 0.0, 400.0]
+    elif fault == "small grid":
+        pred = pred[: pred.shape[0] // 2]  # the same origin, half the field of view
+    else:
+        pred = np.zeros_like(pred)
+    path = save_nifti(pred, aff, pred_dir / f"{p.patient_id}.nii.gz")
+    expected = "zero everywhere" if fault == "zero" else "covers only"
+    with pytest.raises(CtpmError, match=expected) as err:
+        evaluate(load_manifest(tiny_cohort), pred_dir, cfg=cfg, cohort="cancer", density_baseline=False,
+                 progress=False)
+    assert p.patient_id in str(err.value) and str(path) in str(err.value)
+    out = tmp_path / "report"
+    res = run_cli("ctpm-evaluate", f"manifest={tiny_cohort}", f"predictions={pred_dir}", f"out={out}",
+                  "evaluation.spacing=[4.0,4.0,4.0]", "density_baseline=false", "progress=false")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert expected in res.stderr and p.patient_id in res.stderr
+    assert not (out / "metrics.csv").exists()
+
+
 def test_r_dice_and_lobe_means_against_independent_computations(tiny_cohort):
     p = load_manifest(tiny_cohort).cohort("cancer")[1]
     gv = grid_volumes(p, {"spacing": TINY_PREPROCESSING["spacing"]})

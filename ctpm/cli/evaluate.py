@@ -27,7 +27,8 @@ def run(cfg: DictConfig) -> dict:
     result = evaluate(manifest, predictions, cfg=OmegaConf.to_container(cfg.evaluation, resolve=True), cohort=cfg.cohort,
                       baseline_predictions=baseline, density_baseline=bool(cfg.density_baseline),
                       density_fit_cohort=cfg.density_fit_cohort, threshold=float(cfg.threshold),
-                      splits=cfg.splits, progress=bool(cfg.progress))
+                      splits=cfg.splits, progress=bool(cfg.progress),
+                      min_coverage=float(cfg.min_coverage))
     files = write_report(result, out, labels=OmegaConf.to_container(cfg.labels), title=cfg.title, threshold=float(cfg.threshold))
     rows = result["rows"]["model"]
     mean_r = sum(r["spearman_r"] for r in rows) / len(rows)

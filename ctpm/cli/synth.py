@@ -20,7 +20,7 @@ def run(cfg: DictConfig):
         c["out"], preset=c["preset"], presets=c["presets"], physics=c["physics"],
         n_noncancer=int(c["n_noncancer"]), n_cancer=int(c["n_cancer"]), seed=int(c["seed"]),
         workers=int(c["workers"]), cancer_institutions=c["cancer_institutions"], with_dose=bool(c["dose"]),
-        overwrite=bool(c["overwrite"]),
+        overwrite=bool(c["overwrite"]), progress=bool(c["progress"]),
     )
     m = load_manifest(manifest)
     counts = Counter((p.cohort, p.institution) for p in m)

@@ -48,9 +48,34 @@ class GridVolumes:
     def shape(self):
         return self.ct.shape
 
-    def on_grid(self, path: Path, kind: str = "perfusion", mode: str = "bilinear") -> np.ndarray:
+    def on_grid(self, path: Path, kind: str = "perfusion", mode: str = "bilinear",
+                min_coverage: float | None = None) -> np.ndarray:
+        """A map resampled onto this grid. With `min_coverage`, a map whose grid covers less than
+        that share of the evaluation mask (another patient's, or not in CT geometry) is refused,
+        and so is one that is zero everywhere in the mask: either would score silently as R = 0."""
         vol = load_image(path, kind=kind, patient=self.patient.patient_id)
-        return resample_to_grid(vol.array, vol.affine, self.affine, self.shape, mode)
+        if min_coverage is not None:
+            covered = self.coverage(vol.affine, vol.shape)
+            if covered < min_coverage:
+                raise CtpmError(
+                    f"the prediction's grid covers only {100 * covered:.1f}% of the lungs (at least "
+                    f"{100 * min_coverage:.0f}% needed); is it this patient's map in the CT's geometry?",
+                    patient=self.patient.patient_id, path=path)
+        out = resample_to_grid(vol.array, vol.affine, self.affine, self.shape, mode)
+        if min_coverage is not None and not np.any(out[self.mask] > 0):
+            raise CtpmError("the prediction is zero everywhere in the lungs; is it registered to this CT?",
+                            patient=self.patient.patient_id, path=path)
+        return out
+
+    def coverage(self, affine: np.ndarray, shape) -> float:
+        """Share of the evaluation-mask voxels whose centres lie inside a grid (affine, shape)."""
+        idx = np.argwhere(self.mask)
+        if not len(idx):
+            return 0.0
+        to_src = np.linalg.inv(np.asarray(affine, np.float64)) @ self.affine
+        ijk = idx @ to_src[:3, :3].T + to_src[:3, 3]
+        inside = np.all((ijk > -0.5) & (ijk < np.asarray(shape[:3], np.float64) - 0.5), axis=1)
+        return float(inside.mean())
 
 
 def grid_volumes(patient: Patient, cfg: PreprocessConfig | dict | None = None) -> GridVolumes:
@@ -188,10 +213,12 @@ def evaluate(
     splits: str | None = None,
     progress: bool = True,
     keep_case: str | None = "median",
+    min_coverage: float = 0.95,
 ) -> dict[str, Any]:
     """Evaluate one prediction set (and optionally a second to compare, the density baseline and,
     for synthetic patients, the noise ceiling) on the manifest's patients (of `cohort`, when given)
     that have predictions. The density baseline is fitted on `density_fit_cohort` of the manifest.
+    A prediction whose grid covers less than `min_coverage` of a patient's lungs is refused.
 
     Returns {"rows": {set name: [per-patient rows]}, "missing": [...], "missing_folds": [...],
     "case": arrays of a representative patient for the figure}.
@@ -233,13 +260,13 @@ def evaluate(
         gv = grid_volumes(p, cfg)
         info = {"patient_id": p.patient_id, "cohort": p.cohort, "institution": p.institution,
                 "tumor_diameter_mm": p.tumor_diameter_mm, "n_voxels": int(gv.mask.sum())}
-        pred = gv.on_grid(pred_paths[p.patient_id])
+        pred = gv.on_grid(pred_paths[p.patient_id], min_coverage=min_coverage)
         r = {**info, **map_metrics(gv, pred, threshold), "prediction": str(pred_paths[p.patient_id])}
         if gv.truth is not None:
             r["ceiling_r"] = float(spearman_r(gv.truth[gv.mask], gv.spect[gv.mask]))
         rows["model"].append(r)
         if base_paths:
-            rows["baseline"].append({**info, **map_metrics(gv, gv.on_grid(base_paths[p.patient_id]), threshold)})
+            rows["baseline"].append({**info, **map_metrics(gv, gv.on_grid(base_paths[p.patient_id], min_coverage=min_coverage), threshold)})
         if baseline is not None and not fit_separately:
             baseline.add(gv)  # leave-one-out fit on the evaluated patients themselves
         if baseline is not None and fit_separately:
