@@ -127,6 +127,55 @@ def write_nm_multiframe(path: Path, counts: np.ndarray, affine_ras: np.ndarray, 
     return path
 
 
+ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+
+
+def write_enhanced_ct(path: Path, hu: np.ndarray, affine_ras: np.ndarray, *, order=None,
+                      per_frame_rescale: bool = True) -> Path:
+    """A CT volume (I, J, K) as one Enhanced CT file: frames written in `order` (slice k of the
+    volume is frame position order.index(k)), geometry in the functional groups; the rescale per
+    frame (intercept -1024 - k, so each frame needs its own) or shared (-1024)."""
+    lps = LPS_TO_RAS @ np.asarray(affine_ras, float)
+    cols = [lps[:3, d] for d in range(3)]
+    dc, dr = np.linalg.norm(cols[0]), np.linalg.norm(cols[1])
+    order = list(range(hu.shape[2])) if order is None else list(order)
+    ds = _base(ENHANCED_CT_STORAGE, "CT", generate_uid(), generate_uid(), generate_uid(), IDENTITY)
+    shared = Dataset()
+    measures, orient = Dataset(), Dataset()
+    measures.PixelSpacing = [_ds(dr), _ds(dc)]
+    measures.SliceThickness = _ds(np.linalg.norm(cols[2]))
+    orient.ImageOrientationPatient = [_ds(v) for v in (*(cols[0] / dc), *(cols[1] / dr))]
+    shared.PixelMeasuresSequence = [measures]
+    shared.PlaneOrientationSequence = [orient]
+    if not per_frame_rescale:
+        pvt = Dataset()
+        pvt.RescaleIntercept, pvt.RescaleSlope, pvt.RescaleType = "-1024", "1", "HU"
+        shared.PixelValueTransformationSequence = [pvt]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames, groups = [], []
+    for k in order:
+        intercept = -1024.0 - k if per_frame_rescale else -1024.0
+        stored = np.rint(np.asarray(hu[:, :, k], float).T - intercept)
+        assert stored.min() >= 0 and stored.max() <= 65535
+        frames.append(stored.astype(np.uint16))
+        g, pos = Dataset(), Dataset()
+        pos.ImagePositionPatient = [_ds(v) for v in lps[:3, 3] + k * cols[2]]
+        g.PlanePositionSequence = [pos]
+        if per_frame_rescale:
+            pvt = Dataset()
+            pvt.RescaleIntercept, pvt.RescaleSlope, pvt.RescaleType = _ds(intercept), "1", "HU"
+            g.PixelValueTransformationSequence = [pvt]
+        groups.append(g)
+    ds.PerFrameFunctionalGroupsSequence = groups
+    ds.NumberOfFrames = len(frames)
+    ds.Rows, ds.Columns = frames[0].shape
+    ds.PixelData = np.stack(frames).tobytes()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 # --------------------------------------------------------------------------------------------------
 # Not DICOM: console scripts, manifests, re-oriented copies
 # --------------------------------------------------------------------------------------------------

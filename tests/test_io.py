@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.data_helpers import IDENTITY, write_nm_multiframe, write_slices
+from tests.data_helpers import IDENTITY, write_ct_series, write_enhanced_ct, write_nm_multiframe, write_slices
 from ctpm.data.io import IDENTIFYING, load_image, read_nifti, save_nifti
 from ctpm.data.lungs import LEFT, RIGHT, segment_lungs
 from ctpm.errors import CtpmError
@@ -183,6 +183,81 @@ def test_dicom_slices_with_a_gap_or_duplicate_are_refused(tmp_path):
     with pytest.raises(CtpmError, match="same position") as e:
         load_image(tmp_path / "dup", kind="perfusion", patient="P9")
     assert "patient P9" in str(e.value)
+
+
+def test_gantry_tilt_is_kept_in_the_affine(tmp_path):
+    """Tilted acquisition: each slice is shifted 2.5 * tan(15 deg) mm along LPS y while the rows
+    and columns stay axial, so the slice axis of the affine is sheared, and voxels land at the
+    positions the files give."""
+    shift = 2.5 * np.tan(np.deg2rad(15))
+    px = [np.full((4, 5), 1000 + n, np.uint16) for n in range(4)]
+    positions = [[0.0, n * shift, 2.5 * n] for n in range(4)]
+    write_slices(tmp_path / "ct", px, positions, [1, 0, 0, 0, 1, 0], [1, 1], order=[3, 1, 0, 2])
+    vol = load_image(tmp_path / "ct", kind="perfusion")
+    np.testing.assert_allclose(vol.affine[:3, 2], [0.0, -shift, 2.5], atol=1e-6)  # RAS y = -LPS y
+    for n, pos in enumerate(positions):
+        np.testing.assert_allclose(vol.affine @ [0, 0, n, 1], [-pos[0], -pos[1], pos[2], 1], atol=1e-6)
+        assert vol.array[0, 0, n] == 1000 + n - 1024
+
+
+def test_localizer_in_the_series_is_skipped_and_mixed_orientations_refused(tmp_path):
+    px = [np.full((4, 5), 1000 + n, np.uint16) for n in range(3)]
+    write_slices(tmp_path / "ct", px, [[0, 0, z] for z in (0, 2, 4)], [1, 0, 0, 0, 1, 0], [1, 1],
+                 series_uid="1.2.826.0.1.3680043.8.498.7")
+    scout = write_slices(tmp_path / "scout", [np.zeros((6, 5), np.uint16)], [[0, 0, 0]], [1, 0, 0, 0, 0, -1], [1, 1],
+                         series_uid="1.2.826.0.1.3680043.8.498.7", prefix="SCOUT")[0]
+    ds = pydicom.dcmread(scout)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.save_as(tmp_path / "ct" / "SCOUT.dcm")
+    vol = load_image(tmp_path / "ct", kind="perfusion")
+    assert vol.shape == (5, 4, 3)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]  # the same slice, not marked as a scout
+    ds.save_as(tmp_path / "ct" / "SCOUT.dcm")
+    with pytest.raises(CtpmError, match="different orientations"):
+        load_image(tmp_path / "ct", kind="perfusion", patient="P3")
+
+
+@pytest.mark.parametrize("syntax", ["JPEG2000Lossless", "RLELossless"])
+def test_compressed_ct_series_reads_like_the_uncompressed_one(tmp_path, syntax):
+    """Archives send CT compressed; the decoders come with ctpm's dependencies."""
+    rng = np.random.default_rng(3)
+    hu = rng.integers(-1000, 1500, size=(64, 48, 3)).astype(np.float32)  # J2K needs >= 32 px a side
+    aff = np.diag([0.8, 0.8, 2.0, 1.0])
+    files = write_ct_series(tmp_path / "ct", hu, aff)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.compress(getattr(pydicom.uid, syntax))
+        ds.save_as(f)
+    assert pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID == getattr(pydicom.uid, syntax)
+    vol = load_image(tmp_path / "ct", kind="perfusion")
+    np.testing.assert_array_equal(vol.array, hu)
+    np.testing.assert_allclose(vol.affine, aff, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_frame_rescale", [True, False])
+def test_enhanced_ct_reads_like_its_slice_series(tmp_path, per_frame_rescale):
+    """Enhanced CT: one file, frames in scrambled order, geometry and rescale in the functional
+    groups. By hand: frames are stacked by position, so the volume and affine equal the slice
+    series of the same CT."""
+    rng = np.random.default_rng(4)
+    hu = rng.integers(-1000, 1000, size=(6, 5, 4)).astype(np.float32)
+    aff = np.array([[-0.7, 0, 0, 120.0], [0, -0.7, 0, 80.0], [0, 0, 2.5, -300.0], [0, 0, 0, 1]])
+    f = write_enhanced_ct(tmp_path / "enh" / "ct.dcm", hu, aff, order=[2, 0, 3, 1], per_frame_rescale=per_frame_rescale)
+    write_ct_series(tmp_path / "series", hu, aff)
+    vol, ref = load_image(f.parent, kind="perfusion"), load_image(tmp_path / "series", kind="perfusion")
+    np.testing.assert_array_equal(vol.array, hu)
+    np.testing.assert_array_equal(vol.array, ref.array)
+    np.testing.assert_allclose(vol.affine, aff, atol=1e-6)
+    np.testing.assert_allclose(vol.affine, ref.affine, atol=1e-6)
+    _assert_private(vol.meta, IDENTITY.values())
+    # two frames at one position (two phases in one file) and a missing slice are refused
+    write_enhanced_ct(tmp_path / "twice" / "ct.dcm", hu, aff, order=[0, 1, 1, 2, 3])
+    with pytest.raises(CtpmError, match="same position") as err:
+        load_image(tmp_path / "twice", kind="perfusion", patient="P5")
+    assert "patient P5" in str(err.value) and "ct.dcm" in str(err.value)
+    write_enhanced_ct(tmp_path / "gap" / "ct.dcm", hu, aff, order=[0, 1, 3])
+    with pytest.raises(CtpmError, match="not evenly spaced"):
+        load_image(tmp_path / "gap", kind="perfusion", patient="P5")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -183,6 +183,8 @@ def read_dicom_series(path: Path) -> Volume:
             continue
         if "SeriesInstanceUID" not in ds or "Rows" not in ds:
             continue  # DICOMDIR, structured reports, RT objects: not images
+        if "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]:
+            continue  # a scout view exported with the series: not a slice of the volume
         series.setdefault(str(ds.SeriesInstanceUID), []).append((f, ds))
     if not series:
         raise CtpmError("no DICOM image series found")
@@ -197,6 +199,8 @@ def read_dicom_series(path: Path) -> Volume:
         )
     (uid, items), = series.items()
     if len(items) == 1 and int(items[0][1].get("NumberOfFrames", 1) or 1) > 1:
+        if "PerFrameFunctionalGroupsSequence" in items[0][1]:
+            return _read_enhanced(items[0][0])
         return _read_multiframe(items[0][0])
     return _read_slices(items, uid)
 
@@ -238,6 +242,10 @@ def _read_slices(items: list[tuple[Path, Any]], uid: str) -> Volume:
     if "ImageOrientationPatient" not in first or "ImagePositionPatient" not in first:
         raise CtpmError("DICOM slices carry no ImagePositionPatient/ImageOrientationPatient", path=items[0][0])
     iop = np.array([float(v) for v in first.ImageOrientationPatient])
+    for f, ds in items:
+        if "ImageOrientationPatient" not in ds or not np.allclose(
+                [float(v) for v in ds.ImageOrientationPatient], iop, atol=1e-4):
+            raise CtpmError("DICOM series mixes slices of different orientations", path=f)
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in items])
@@ -313,6 +321,66 @@ def _read_multiframe(f: Path) -> Volume:
     lps[:3, 3] = ipp
     meta = _series_meta(ds, str(ds.SeriesInstanceUID))
     meta.update(sop_instance_uids=[str(ds.get("SOPInstanceUID", ""))], files=[str(f)])
+    return Volume(vol, LPS_TO_RAS @ lps, meta)
+
+
+def _functional(ds, k: int, seq: str, item: str):
+    """An attribute of frame k of an enhanced multi-frame image: its per-frame functional group,
+    else the shared one (where the standard lets either hold it)."""
+    shared = ds.get("SharedFunctionalGroupsSequence") or [None]
+    for groups in (ds.PerFrameFunctionalGroupsSequence[k], shared[0]):
+        items = getattr(groups, seq, None) if groups is not None else None
+        if items and item in items[0]:
+            return getattr(items[0], item)
+    return None
+
+
+def _read_enhanced(f: Path) -> Volume:
+    """An enhanced multi-frame image (Enhanced CT / MR / PET): the geometry and the rescale of
+    each frame sit in the functional groups; frames are stacked by their position, which may be
+    in any order, and must be one evenly spaced stack of one orientation."""
+    ds, px = _read_pixels(f)
+    if px.ndim != 3:
+        raise CtpmError(f"multi-frame DICOM has pixel array of shape {px.shape}", path=f)
+    n = px.shape[0]
+    try:
+        iops = np.array([[float(v) for v in _functional(ds, k, "PlaneOrientationSequence", "ImageOrientationPatient")]
+                         for k in range(n)])
+        ipps = np.array([[float(v) for v in _functional(ds, k, "PlanePositionSequence", "ImagePositionPatient")]
+                         for k in range(n)])
+        dr, dc = (float(v) for v in _functional(ds, 0, "PixelMeasuresSequence", "PixelSpacing"))
+    except (TypeError, ValueError, IndexError):
+        raise CtpmError("enhanced multi-frame DICOM lacks a frame's position, orientation or pixel spacing",
+                        path=f) from None
+    if not np.allclose(iops, iops[0], atol=1e-4):
+        raise CtpmError("enhanced multi-frame DICOM mixes frames of different orientations", path=f)
+    row_dir, col_dir = iops[0, :3], iops[0, 3:]
+    normal = np.cross(row_dir, col_dir)
+    order = np.argsort(ipps @ normal, kind="stable")
+    dist = (ipps @ normal)[order]
+    steps = np.diff(dist)
+    if n < 2 or np.any(np.abs(steps) < 1e-3):
+        raise CtpmError("enhanced multi-frame DICOM holds frames at the same position (several stacks "
+                        "or time points?); a single 3-D volume is expected", path=f)
+    med = float(np.median(steps))
+    if np.max(np.abs(steps - med)) > 0.1 * abs(med) + 1e-3:
+        raise CtpmError("enhanced multi-frame DICOM frames are not evenly spaced", path=f)
+    vol = np.empty((px.shape[2], px.shape[1], n), np.float32)
+    for k, src in enumerate(order):
+        slope = _functional(ds, int(src), "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = _functional(ds, int(src), "PixelValueTransformationSequence", "RescaleIntercept")
+        if slope is None and intercept is None:  # not in the groups: the top-level attributes, if any
+            slope, intercept = ds.get("RescaleSlope", 1.0), ds.get("RescaleIntercept", 0.0)
+        frame = px[src].astype(np.float32) * float(slope if slope is not None else 1.0)
+        vol[:, :, k] = (frame + float(intercept or 0.0)).T  # (row, col) -> (i = col, j = row)
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * dc
+    lps[:3, 1] = col_dir * dr
+    lps[:3, 2] = (ipps[order[-1]] - ipps[order[0]]) / (n - 1)
+    lps[:3, 3] = ipps[order[0]]
+    meta = _series_meta(ds, str(ds.SeriesInstanceUID))
+    meta.update(sop_instance_uids=[str(ds.get("SOPInstanceUID", ""))], sop_class_uid=str(ds.get("SOPClassUID", "")),
+                files=[str(f)])
     return Volume(vol, LPS_TO_RAS @ lps, meta)
 
 
