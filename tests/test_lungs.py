@@ -57,6 +57,21 @@ def test_real_ct_two_lungs_of_plausible_volume(real):
     assert x[LEFT] < x[RIGHT]  # RAS: x grows towards the patient's right
 
 
+def test_padding_outside_the_field_of_view_is_air(real, real_ct, tmp_path):
+    """Vendors pad the corners outside the reconstruction circle with -2000, -3024 or -32768: the
+    CT still reads as HU (padding becomes -1024) and the lungs are the same."""
+    vol = load_image(real_ct, kind="ct")
+    i, j = np.meshgrid(np.arange(vol.shape[0]), np.arange(vol.shape[1]), indexing="ij")
+    outside = np.hypot(i - vol.shape[0] / 2, j - vol.shape[1] / 2) > 0.5 * min(vol.shape[:2])
+    padded = vol.array.copy()
+    padded[outside] = -32768
+    path = save_nifti(padded, vol.affine, tmp_path / "padded.nii.gz", dtype=np.int16)
+    back = load_image(path, kind="ct", patient="C3N")
+    assert back.array.min() == -1024.0
+    ct, _, spacing = _canonical(back.array, back.affine)
+    np.testing.assert_array_equal(segment_lungs(ct, spacing, patient="C3N"), real[3])
+
+
 def _air_nearest_midline(ct_slice: np.ndarray) -> np.ndarray:
     """The air region inside the body nearest to the body's midline (the trachea's lumen)."""
     tissue = ct_slice > -500

@@ -129,12 +129,17 @@ def check_volume(vol: Volume, kind: str) -> None:
     if kind in ("ct", "label", "dose", "perfusion") and not np.all(np.isfinite(a)):
         raise CtpmError(f"{kind} image holds NaN or infinite values")
     if kind == "ct":
+        # Scanners pad the corners outside the reconstruction circle far below air (-2000, -3024,
+        # -32768 by vendor); nothing below -1024 HU is physical, so it becomes air.
+        lo = float(a.min())
+        if lo < -1024.0:
+            np.maximum(a, -1024.0, out=a)
         # A chest CT in HU has air around the body near -1000 HU. Stored values without the
         # rescale (e.g. 0..4095) or another unit show no such air.
         sample = a[::4, ::4, ::2] if a.size > 2_000_000 else a
         p1 = float(np.percentile(sample, 1))
-        lo, hi = float(a.min()), float(a.max())
-        if p1 > -500.0 or lo < -4000 or hi > 40000:
+        hi = float(a.max())
+        if p1 > -500.0 or hi > 40000:
             raise CtpmError(
                 f"CT values do not look like Hounsfield units (range {lo:.0f}..{hi:.0f}, "
                 f"1st percentile {p1:.0f}; air should be near -1000 HU). Apply the DICOM rescale "
