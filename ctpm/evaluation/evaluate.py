@@ -59,7 +59,7 @@ class GridVolumes:
             if covered < min_coverage:
                 raise CtpmError(
                     f"the prediction's grid covers only {100 * covered:.1f}% of the lungs (at least "
-                    f"{100 * min_coverage:.0f}% needed); is it this patient's map in the CT's geometry?",
+                    f"{100 * min_coverage:.0f}% needed, min_coverage); is it this patient's map in the CT's geometry?",
                     patient=self.patient.patient_id, path=path)
         out = resample_to_grid(vol.array, vol.affine, self.affine, self.shape, mode)
         if min_coverage is not None and not np.any(out[self.mask] > 0):

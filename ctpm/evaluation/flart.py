@@ -329,7 +329,8 @@ def dose_at(regions: LungRegions, dose: Volume, *, patient: str | None = None,
                         patient=patient, path=where)
     if coverage < min_coverage:
         raise CtpmError(f"the dose grid covers only {100 * coverage:.1f}% of the lungs (at least "
-                        f"{100 * min_coverage:g}% needed); is it this patient's plan?", patient=patient, path=where)
+                        f"{100 * min_coverage:g}% needed, min_dose_coverage); is it this patient's plan?",
+                        patient=patient, path=where)
     if coverage < 1:
         warn(f"the dose grid misses {100 * (1 - coverage):.2f}% of the lung voxels; they count as 0 Gy",
              patient=patient)
