@@ -65,6 +65,16 @@ def test_optional_columns_absolute_paths_and_bom(folder):
     assert p.lung_mask == lung and p.lobes is None
 
 
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_semicolon_or_tab_separated_manifest(folder, sep):
+    """A spreadsheet in a decimal-comma locale saves ';'-separated CSV: it reads the same."""
+    lines = [HEADER, _row("P1"), _row("P2", "cancer", "B", "23.5")]
+    path = _write(folder, *(ln.replace(",", sep) for ln in lines), name="semi.csv")
+    m = load_manifest(path)
+    assert m.ids() == ["P1", "P2"] and m.patients[1].tumor_diameter_mm == 23.5
+    assert m.patients[0].ct.resolve() == (folder / "img/P1/ct.nii.gz").resolve()
+
+
 def test_write_manifest_round_trip(folder):
     rows = [{"patient_id": "P1", "cohort": "noncancer", "institution": "A", "ct": "../img/P1/ct.nii.gz",
              "spect": "../img/P1/spect.nii.gz", "tumor_diameter_mm": ""}]

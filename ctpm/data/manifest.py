@@ -75,7 +75,7 @@ def load_manifest(path: str | Path, *, require_spect: bool = True, cohort: str |
         raise CtpmError(f"cannot read the manifest ({exc})", path=path) from None
     if not text.strip():
         raise CtpmError("manifest is empty", path=path)
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(text.splitlines(), delimiter=_delimiter(text))
     header = [h.strip() for h in (reader.fieldnames or [])]
     missing = [c for c in REQUIRED if c not in header]
     if missing:
@@ -161,6 +161,16 @@ def load_manifest(path: str | Path, *, require_spect: bool = True, cohort: str |
         if not manifest.patients:
             raise CtpmError(f"manifest has no patients of cohort {cohort!r}", path=path)
     return manifest
+
+
+def _delimiter(text: str) -> str:
+    """',' unless the header holds the required columns only when split by ';' or a tab (a CSV
+    saved by a spreadsheet in a locale with decimal commas, or a TSV)."""
+    header = next((ln for ln in text.splitlines() if ln.strip()), "")
+    for d in (",", ";", "\t"):
+        if set(REQUIRED) <= {h.strip().strip('"') for h in header.split(d)}:
+            return d
+    return ","
 
 
 def write_manifest(path: str | Path, rows: list[dict]) -> Path:

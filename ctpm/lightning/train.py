@@ -23,6 +23,14 @@ from ctpm.errors import CtpmError
 log = logging.getLogger("ctpm.train")
 
 
+def _no_advert(record: logging.LogRecord) -> bool:
+    """Lightning >= 2.6 advertises a cloud logger on every Trainer; ctpm runs offline."""
+    return "litlogger" not in str(record.msg)
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_no_advert)
+
+
 def instantiate_list(cfg: DictConfig | None) -> list[Any]:
     """Callbacks / loggers: a dict of configs with `_target_`s (None entries allowed)."""
     out: list[Any] = []
