@@ -22,7 +22,7 @@ from ctpm.data.lungs import LEFT, RIGHT
 from ctpm.data.manifest import load_manifest
 from ctpm.data.preprocess import preprocess_patient, restore_to_ct, restore_to_grid
 from ctpm.data.transforms import IMAGE_KEYS, PreprocessConfig, lung_stage, ops_from_json, ops_to_json, standardise_spect
-from ctpm.errors import CtpmError
+from ctpm.errors import CtpmError, CtpmWarning
 from tests.conftest import TINY_PREPROCESSING
 from tests.data_helpers import reorient
 
@@ -204,6 +204,43 @@ def test_spect_far_away_is_refused(patients, tmp_path):
     with pytest.raises(CtpmError, match="does not overlap") as e:
         preprocess_patient(_shifted_spect(patients["A"], tmp_path, [2000.0, 0.0, 0.0]), TINY_PREPROCESSING)
     assert "patient NC-A-001" in str(e.value)
+
+
+def _spect_above(patient, tmp_path, z_mm: float):
+    """The patient's SPECT with its slices below world z (RAS) `z_mm` removed: a field of view
+    that cuts the lung bases."""
+    img = nib.load(str(patient.spect))
+    aff = img.affine
+    assert np.allclose(aff[2, :2], 0) and aff[2, 2] > 0  # slices along +z
+    k0 = int(np.ceil((z_mm - aff[2, 3]) / aff[2, 2]))
+    out = aff.copy()
+    out[:3, 3] = (aff @ [0, 0, k0, 1])[:3]
+    path = save_nifti(np.asarray(img.dataobj)[:, :, k0:], out, tmp_path / "spect_cut.nii.gz")
+    return dataclasses.replace(patient, spect=path), float(out[2, 3] - aff[2, 2] / 2)
+
+
+def test_spect_that_misses_the_lung_bases_warns_and_leaves_them_out(patients, pre, tmp_path):
+    """A SPECT whose field of view ends above the lung bases: a warning naming the patient, the
+    evaluation mask loses the lung below the field of view (not counted as unperfused), the rest
+    is unchanged; a SPECT that covers less than half the lungs is refused."""
+    p0 = pre["A"]
+    z = (p0.grid_affine @ np.c_[np.argwhere(p0.grid_mask), np.ones(int(p0.grid_mask.sum()))].T)[2]
+    cut = np.percentile(z, 25)
+    patient, edge = _spect_above(patients["A"], tmp_path, cut)
+    with pytest.warns(CtpmWarning, match=r"patient NC-A-001: spect covers [0-9.]+% of the lungs") as rec:
+        p1 = preprocess_patient(patient, TINY_PREPROCESSING, keep_grid=True)
+    (msg,) = [str(w.message) for w in rec if issubclass(w.category, CtpmWarning)]
+    covered = float(msg.split("covers ")[1].split("%")[0])
+    assert 60 < covered < 90
+    gz = (p1.grid_affine @ np.c_[np.indices(p1.grid_mask.shape).reshape(3, -1).T,
+                                 np.ones(p1.grid_mask.size)].T)[2].reshape(p1.grid_mask.shape)
+    assert not p1.grid_mask[gz < edge - 1e-3].any()  # nothing below the field of view
+    above = gz > edge + 1e-3
+    np.testing.assert_array_equal(p1.grid_mask[above], p0.grid_mask[above])  # the rest as before
+    assert p1.mask.sum() < p0.mask.sum()  # the training ROI follows
+    patient, _ = _spect_above(patients["A"], tmp_path, np.percentile(z, 70))
+    with pytest.raises(CtpmError, match="does not overlap"):
+        preprocess_patient(patient, TINY_PREPROCESSING)
 
 
 @pytest.mark.parametrize("perm,flips", [((2, 0, 1), (True, False, True)), ((1, 0, 2), (False, True, False))])

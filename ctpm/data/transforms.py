@@ -46,7 +46,7 @@ from monai.utils import TraceKeys
 
 from ctpm.data.io import Volume, load_image
 from ctpm.data.lungs import LEFT, RIGHT, LungSegmentationConfig, evaluation_mask, segment_lungs, _split_touching
-from ctpm.errors import CtpmError
+from ctpm.errors import CtpmError, warn
 
 SIDES = {"right": RIGHT, "left": LEFT}
 
@@ -238,27 +238,51 @@ def _like(ref: MetaTensor, array: torch.Tensor) -> MetaTensor:
 
 
 class CheckOverlapd(MapTransform):
-    """Stop with a clear message when an image (SPECT) does not overlap the CT in world space."""
+    """How much of the lungs (`ref_key`, on the grid) an image (SPECT) covers in world space, before
+    it is resampled there. Less than `min_fraction`: an error naming the patient and file (not this
+    patient's scan, or not registered). Less than all of it (a field of view that cuts a lung
+    base): a warning, and `<key>_fov` marks the covered voxels, so that the evaluation mask leaves
+    out lung that the SPECT did not see rather than count it as unperfused."""
 
-    def __init__(self, keys, ref_key: str = "ct", min_fraction: float = 0.5, allow_missing_keys: bool = True):
+    def __init__(self, keys, ref_key: str = "lungs", min_fraction: float = 0.5, allow_missing_keys: bool = True):
         super().__init__(keys, allow_missing_keys)
         self.ref_key, self.min_fraction = ref_key, min_fraction
 
     def __call__(self, data):
         d = dict(data)
-        ref_lo, ref_hi = _world_box(d[self.ref_key])
+        ref = d[self.ref_key]
+        lungs = ref[0].numpy() > 0
         for key in self.key_iterator(d):
-            lo, hi = _world_box(d[key])
-            inter = np.clip(np.minimum(hi, ref_hi) - np.maximum(lo, ref_lo), 0, None)
-            frac = float(np.prod(inter) / max(np.prod(ref_hi - ref_lo), 1e-9))
+            img = d[key]
+            inside = grid_footprint(img.affine.numpy(), img.shape[1:], ref.affine.numpy(), lungs.shape, where=lungs)
+            frac = float(inside[lungs].mean()) if lungs.any() else 0.0
+            who = {"patient": d.get("patient_id"), "path": d.get("sources", {}).get(key)}
             if frac < self.min_fraction:
+                lo, hi = _world_box(img)
+                ref_lo, ref_hi = _world_box(ref)
                 raise CtpmError(
                     f"{key} does not overlap the lungs of the CT in world coordinates (covers {100 * frac:.0f}% "
                     f"of them; {key} spans {np.round(lo).tolist()}..{np.round(hi).tolist()} mm, lungs "
                     f"{np.round(ref_lo).tolist()}..{np.round(ref_hi).tolist()} mm); is it registered to this CT?",
-                    patient=d.get("patient_id"), path=d.get("sources", {}).get(key),
-                )
+                    **who)
+            if frac < 1.0:
+                warn(f"{key} covers {100 * frac:.1f}% of the lungs ({who['path']}); the lung outside its field of "
+                     "view is left out of the evaluation mask", patient=d.get("patient_id"))
+                d[f"{key}_fov"] = inside
         return d
+
+
+def grid_footprint(src_affine: np.ndarray, src_shape, dst_affine: np.ndarray, dst_shape,
+                   where: np.ndarray | None = None) -> np.ndarray:
+    """Voxels of a destination grid whose centres lie inside a source grid (any orientation);
+    only those in `where` are tested (the rest are False)."""
+    idx = np.argwhere(where) if where is not None else np.argwhere(np.ones(tuple(dst_shape), bool))
+    to_src = np.linalg.inv(np.asarray(src_affine, np.float64)) @ np.asarray(dst_affine, np.float64)
+    ijk = idx @ to_src[:3, :3].T + to_src[:3, 3]
+    ok = np.all((ijk > -0.5) & (ijk < np.asarray(src_shape[:3], np.float64) - 0.5), axis=1)
+    out = np.zeros(tuple(dst_shape), bool)
+    out[tuple(idx[ok].T)] = True
+    return out
 
 
 def _world_box(img: MetaTensor) -> tuple[np.ndarray, np.ndarray]:
@@ -279,6 +303,8 @@ class EvaluationMaskd(MapTransform):
     def __call__(self, data):
         d = dict(data)
         m = evaluation_mask(d[self.ct_key][0].numpy(), d[self.lungs_key][0].numpy(), self.hu_range)
+        if d.get("spect_fov") is not None:  # lung the SPECT did not see (CheckOverlapd)
+            m &= d["spect_fov"]
         d[self.out_key] = _like(d[self.ct_key], torch.from_numpy(m.astype(np.float32))[None])
         return d
 

@@ -23,7 +23,7 @@ from ctpm.data.io import load_image
 from ctpm.data.lungs import LEFT, RIGHT
 from ctpm.data.manifest import Manifest, Patient
 from ctpm.data.preprocess import patient_inputs, resample_to_grid
-from ctpm.data.transforms import PreprocessConfig, grid_stage
+from ctpm.data.transforms import PreprocessConfig, grid_footprint, grid_stage
 from ctpm.errors import CtpmError
 from ctpm.metrics import functional_dice, spearman_r
 
@@ -69,13 +69,9 @@ class GridVolumes:
 
     def coverage(self, affine: np.ndarray, shape) -> float:
         """Share of the evaluation-mask voxels whose centres lie inside a grid (affine, shape)."""
-        idx = np.argwhere(self.mask)
-        if not len(idx):
+        if not self.mask.any():
             return 0.0
-        to_src = np.linalg.inv(np.asarray(affine, np.float64)) @ self.affine
-        ijk = idx @ to_src[:3, :3].T + to_src[:3, 3]
-        inside = np.all((ijk > -0.5) & (ijk < np.asarray(shape[:3], np.float64) - 0.5), axis=1)
-        return float(inside.mean())
+        return float(grid_footprint(affine, shape, self.affine, self.shape, where=self.mask)[self.mask].mean())
 
 
 def grid_volumes(patient: Patient, cfg: PreprocessConfig | dict | None = None) -> GridVolumes:
