@@ -242,6 +242,22 @@ def _series_meta(ds, uid: str) -> dict[str, Any]:
     }
 
 
+def _stack_order(positions: np.ndarray, normal: np.ndarray, paths: list[Path], two: str, what: str) -> np.ndarray:
+    """The order that stacks slices (or frames) at `positions` along `normal`; refuses two at one
+    position and uneven spacing (a missing slice), naming the file at fault (`paths` per slice)."""
+    order = np.argsort(positions @ normal, kind="stable")
+    steps = np.diff((positions @ normal)[order])
+    if np.any(np.abs(steps) < 1e-3):
+        raise CtpmError(f"{two} at the same position (several acquisitions, stacks or time points?); a single "
+                        "3-D volume is expected", path=paths[order[int(np.argmin(np.abs(steps)))]])
+    med = float(np.median(steps))
+    if np.max(np.abs(steps - med)) > 0.1 * abs(med) + 1e-3:
+        gap = int(np.argmax(np.abs(steps - med)))
+        raise CtpmError(f"{what} are not evenly spaced (step {steps[gap]:.2f} mm where {med:.2f} mm is usual): "
+                        "missing slices?", path=paths[order[gap + 1]])
+    return order
+
+
 def _read_slices(items: list[tuple[Path, Any]], uid: str) -> Volume:
     first = items[0][1]
     if "ImageOrientationPatient" not in first or "ImagePositionPatient" not in first:
@@ -254,26 +270,11 @@ def _read_slices(items: list[tuple[Path, Any]], uid: str) -> Volume:
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in items])
-    order = np.argsort(positions @ normal, kind="stable")
-    items = [items[i] for i in order]
-    positions = positions[order]
-    dist = positions @ normal
     if len(items) < 2:
         raise CtpmError("DICOM series has a single slice; a 3-D volume is expected", path=items[0][0])
-    steps = np.diff(dist)
-    if np.any(np.abs(steps) < 1e-3):
-        raise CtpmError(
-            "DICOM series has two slices at the same position (several acquisitions in one series?)",
-            path=items[int(np.argmin(np.abs(steps)))][0],
-        )
-    med = float(np.median(steps))
-    if np.max(np.abs(steps - med)) > 0.1 * abs(med) + 1e-3:
-        gap = int(np.argmax(np.abs(steps - med)))
-        raise CtpmError(
-            f"DICOM slices are not evenly spaced (step {steps[gap]:.2f} mm where {med:.2f} mm is "
-            "usual): missing slices?",
-            path=items[gap + 1][0],
-        )
+    order = _stack_order(positions, normal, [f for f, _ in items], "DICOM series has two slices", "DICOM slices")
+    items = [items[i] for i in order]
+    positions = positions[order]
     rows, cols = int(first.Rows), int(first.Columns)
     vol = np.empty((cols, rows, len(items)), dtype=np.float32)
     sop_uids = []
@@ -361,15 +362,8 @@ def _read_enhanced(f: Path) -> Volume:
         raise CtpmError("enhanced multi-frame DICOM mixes frames of different orientations", path=f)
     row_dir, col_dir = iops[0, :3], iops[0, 3:]
     normal = np.cross(row_dir, col_dir)
-    order = np.argsort(ipps @ normal, kind="stable")
-    dist = (ipps @ normal)[order]
-    steps = np.diff(dist)
-    if n < 2 or np.any(np.abs(steps) < 1e-3):
-        raise CtpmError("enhanced multi-frame DICOM holds frames at the same position (several stacks "
-                        "or time points?); a single 3-D volume is expected", path=f)
-    med = float(np.median(steps))
-    if np.max(np.abs(steps - med)) > 0.1 * abs(med) + 1e-3:
-        raise CtpmError("enhanced multi-frame DICOM frames are not evenly spaced", path=f)
+    order = _stack_order(ipps, normal, [f] * n, "enhanced multi-frame DICOM holds frames",
+                         "enhanced multi-frame DICOM frames")
     vol = np.empty((px.shape[2], px.shape[1], n), np.float32)
     for k, src in enumerate(order):
         slope = _functional(ds, int(src), "PixelValueTransformationSequence", "RescaleSlope")
