@@ -18,7 +18,8 @@ from ctpm.data.dicom_export import (
     write_prediction_dicom,
     write_rtstruct,
 )
-from ctpm.data.io import LPS_TO_RAS, Volume, load_image, save_nifti
+from ctpm.data.io import Volume, load_image, save_nifti
+from ctpm.geometry import LPS_TO_RAS
 from ctpm.errors import CtpmError
 from tests.data_helpers import IDENTITY, write_ct_series
 

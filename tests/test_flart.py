@@ -22,7 +22,7 @@ from scipy import stats as sps
 from ctpm.cli._common import CONF_DIR
 from ctpm.data.io import Volume, load_image, save_nifti
 from ctpm.data.manifest import load_manifest
-from ctpm.data.preprocess import resample_to_grid
+from ctpm.geometry import resample
 from ctpm.errors import CtpmError, CtpmWarning
 from ctpm.evaluation.flart import (
     FlartSettings,
@@ -271,7 +271,7 @@ def cohort_predictions(tiny_cohort, tmp_path_factory) -> Path:
         if p.dose is None:
             continue
         ct, truth = load_image(p.ct), load_image(p.perfusion, kind="perfusion")
-        on_ct = resample_to_grid(truth.array, truth.affine, ct.affine, ct.shape)
+        on_ct = resample(truth.array, truth.grid, ct.grid)
         save_nifti(on_ct, ct.affine, out / f"{p.patient_id}.nii.gz")
     return out
 
@@ -308,7 +308,7 @@ def test_cohort_rows_and_an_independent_mld(tiny_cohort, cohort_run):
     # MLD of one patient recomputed another way: MONAI's resampling of the whole dose onto the CT grid
     p = cancer[0]
     dose, lobes = load_image(p.dose, kind="dose"), load_image(p.lobes, kind="label")
-    on_ct = resample_to_grid(dose.array, dose.affine, lobes.affine, lobes.shape)
+    on_ct = resample(dose.array, dose.grid, lobes.grid)
     lung = lobes.array > 0
     assert ct.loc[p.patient_id, "MLD"] == pytest.approx(float(on_ct[lung].mean()), rel=1e-3)
     assert ct.loc[p.patient_id, "MLD_RML"] == pytest.approx(float(on_ct[lobes.array == 4].mean()), rel=1e-3)

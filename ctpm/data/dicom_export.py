@@ -35,7 +35,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ctpm.data.io import LPS_TO_RAS, Volume, atomic_directory, load_image
+from ctpm.data.io import Volume, atomic_directory, load_image
+from ctpm.geometry import LPS_TO_RAS
 from ctpm.errors import CtpmError, warn
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"

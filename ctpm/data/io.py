@@ -25,8 +25,8 @@ import nibabel as nib
 import numpy as np
 
 from ctpm.errors import CtpmError
+from ctpm.geometry import Grid, dicom_affine
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 KINDS = ("ct", "spect", "label", "dose", "perfusion")
 
 
@@ -52,15 +52,14 @@ class Volume:
         """Voxel size in mm along i, j, k."""
         return np.linalg.norm(self.affine[:3, :3], axis=0)
 
-    def world_corners(self) -> np.ndarray:
-        """World coordinates (8 x 3) of the centres of the grid's corner voxels."""
-        idx = np.array(np.meshgrid(*[[0, s - 1] for s in self.shape], indexing="ij")).reshape(3, -1)
-        return (self.affine[:3, :3] @ idx + self.affine[:3, 3:4]).T
+    @property
+    def grid(self) -> Grid:
+        """Its grid (affine + shape), for ``ctpm.geometry``."""
+        return Grid(self.affine, self.shape)
 
     def world_bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Axis-aligned world box (min, max) spanned by the voxel centres."""
-        c = self.world_corners()
-        return c.min(0), c.max(0)
+        return self.grid.bounds()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,20 +283,15 @@ def _read_slices(items: list[tuple[Path, Any]], uid: str) -> Volume:
             raise CtpmError(f"slice has {px.shape} pixels where the series has {(rows, cols)}", path=f)
         vol[:, :, k] = _rescale(ds, px).T  # (row, col) -> (i = col, j = row)
         sop_uids.append(str(ds.get("SOPInstanceUID", "")))
-    dr, dc = (float(v) for v in first.PixelSpacing)  # spacing between rows, between columns
-    slice_vec = (positions[-1] - positions[0]) / (len(items) - 1)
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * dc
-    lps[:3, 1] = col_dir * dr
-    lps[:3, 2] = slice_vec
-    lps[:3, 3] = positions[0]
+    # the step between slices as a vector: a gantry tilt stays in the affine
+    affine = dicom_affine(iop, positions[0], first.PixelSpacing, (positions[-1] - positions[0]) / (len(items) - 1))
     meta = _series_meta(first, uid)
     meta.update(
         sop_instance_uids=sop_uids,
         sop_class_uid=str(first.get("SOPClassUID", "")),
         files=[str(f) for f, _ in items],
     )
-    return Volume(vol, LPS_TO_RAS @ lps, meta)
+    return Volume(vol, affine, meta)
 
 
 def _read_multiframe(f: Path) -> Volume:
@@ -310,24 +304,15 @@ def _read_multiframe(f: Path) -> Volume:
         src = ds.DetectorInformationSequence[0]  # NM image IOD keeps the geometry here
     if "ImageOrientationPatient" not in src or "ImagePositionPatient" not in src:
         raise CtpmError("multi-frame DICOM carries no ImagePositionPatient/ImageOrientationPatient", path=f)
-    iop = np.array([float(v) for v in src.ImageOrientationPatient])
-    row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
-    ipp = np.array([float(v) for v in src.ImagePositionPatient])
-    dr, dc = (float(v) for v in ds.PixelSpacing)
     step = float(ds.get("SpacingBetweenSlices", 0) or ds.get("SliceThickness", 0) or 0)
     if step == 0:
         raise CtpmError("multi-frame DICOM gives neither SpacingBetweenSlices nor SliceThickness", path=f)
     # Frames run along +normal unless the producer said otherwise (negative spacing).
     vol = np.ascontiguousarray(np.transpose(_rescale(ds, px), (2, 1, 0)))  # (frame,row,col) -> (col,row,frame)
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * dc
-    lps[:3, 1] = col_dir * dr
-    lps[:3, 2] = normal * step
-    lps[:3, 3] = ipp
+    affine = dicom_affine(src.ImageOrientationPatient, src.ImagePositionPatient, ds.PixelSpacing, step)
     meta = _series_meta(ds, str(ds.SeriesInstanceUID))
     meta.update(sop_instance_uids=[str(ds.get("SOPInstanceUID", ""))], files=[str(f)])
-    return Volume(vol, LPS_TO_RAS @ lps, meta)
+    return Volume(vol, affine, meta)
 
 
 def _functional(ds, k: int, seq: str, item: str):
@@ -372,15 +357,11 @@ def _read_enhanced(f: Path) -> Volume:
             slope, intercept = ds.get("RescaleSlope", 1.0), ds.get("RescaleIntercept", 0.0)
         frame = px[src].astype(np.float32) * float(slope if slope is not None else 1.0)
         vol[:, :, k] = (frame + float(intercept or 0.0)).T  # (row, col) -> (i = col, j = row)
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * dc
-    lps[:3, 1] = col_dir * dr
-    lps[:3, 2] = (ipps[order[-1]] - ipps[order[0]]) / (n - 1)
-    lps[:3, 3] = ipps[order[0]]
+    affine = dicom_affine(iops[0], ipps[order[0]], (dr, dc), (ipps[order[-1]] - ipps[order[0]]) / (n - 1))
     meta = _series_meta(ds, str(ds.SeriesInstanceUID))
     meta.update(sop_instance_uids=[str(ds.get("SOPInstanceUID", ""))], sop_class_uid=str(ds.get("SOPClassUID", "")),
                 files=[str(f)])
-    return Volume(vol, LPS_TO_RAS @ lps, meta)
+    return Volume(vol, affine, meta)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Invertd, SpatialResample
+from monai.transforms import Invertd
 
 from ctpm.data.lungs import evaluation_mask
 from ctpm.data.manifest import Patient
@@ -23,6 +23,7 @@ from ctpm.data.transforms import (
     with_history,
 )
 from ctpm.errors import CtpmError
+from ctpm.geometry import Grid, resample_labels, resample_masked
 
 
 @dataclass
@@ -173,70 +174,19 @@ def restore_to_grid(roi: dict[str, np.ndarray], lung_ops: dict[str, list], grid_
     return out
 
 
-def resample_to_grid(array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape,
-                     mode: str = "bilinear") -> np.ndarray:
-    """Resample `array` (on src_affine) onto a destination grid in world coordinates, only over the
-    part of the destination that the source covers (zeros elsewhere). MONAI's SpatialResample does
-    the interpolation; restricting it to the source's box is what makes restoring a lung-sized map
-    onto a 512 x 512 x N CT grid take a fraction of a second."""
-    return _resample_channels(np.asarray(array, np.float32)[None], src_affine, dst_affine, dst_shape, mode)[0]
-
-
 def restore_to_ct(grid_map: np.ndarray, grid_lungs: np.ndarray, grid_affine: np.ndarray,
                   ct_affine: np.ndarray, ct_shape, ct_lungs: np.ndarray | None = None) -> np.ndarray:
     """A map on the evaluation grid -> the original CT grid (linear). Interpolation is normalised
     by the lung mask, so lung voxels at the boundary are not pulled towards the 0 outside. With
     `ct_lungs` (the lung labels on the CT grid) the map covers exactly those voxels; without, the
     voxels that lie at least half inside the resampled lungs."""
-    m = (grid_lungs > 0).astype(np.float32)
-    both = np.stack([grid_map * m, m])
-    back = _resample_channels(both, grid_affine, ct_affine, ct_shape, "bilinear")
-    num, den = back[0], back[1]
-    out = np.zeros_like(num)
-    inside = (den > 1e-3) & (ct_lungs > 0) if ct_lungs is not None else den >= 0.5
-    out[inside] = num[inside] / den[inside]
+    out, weight = resample_masked(grid_map, grid_lungs > 0, Grid(grid_affine, grid_lungs.shape), Grid(ct_affine, ct_shape))
+    inside = (weight > 1e-3) & (ct_lungs > 0) if ct_lungs is not None else weight >= 0.5
+    out[~inside] = 0.0
     return out
 
 
 def labels_to_ct(grid_labels: np.ndarray, grid_affine: np.ndarray, ct_affine: np.ndarray, ct_shape) -> np.ndarray:
-    """Labels onto the CT grid: an exact axis permutation / flip when the source is the CT grid in
-    another orientation (the RAS-reoriented CT), nearest-neighbour resampling otherwise."""
-    same = _reorientation(grid_labels.shape, grid_affine, tuple(ct_shape), ct_affine)
-    if same is not None:
-        return np.ascontiguousarray(same(grid_labels)).astype(np.uint8)
-    return np.rint(resample_to_grid(grid_labels.astype(np.float32), grid_affine, ct_affine, ct_shape, "nearest")).astype(np.uint8)
-
-
-def _reorientation(src_shape, src_affine, dst_shape, dst_affine):
-    """A function mapping an array on the source grid to the destination grid when both are the same
-    voxels in another axis order / direction (None otherwise)."""
-    import nibabel.orientations as nio
-
-    if sorted(src_shape) != sorted(dst_shape):
-        return None
-    transform = nio.ornt_transform(nio.io_orientation(src_affine), nio.io_orientation(dst_affine))
-    if not np.allclose(src_affine @ nio.inv_ornt_aff(transform, src_shape), dst_affine, atol=1e-3):
-        return None
-    return lambda a: nio.apply_orientation(a, transform)
-
-
-def _resample_channels(arr: np.ndarray, src_aff, dst_aff, dst_shape, mode) -> np.ndarray:
-    """(C, I, J, K) on src_aff -> (C, *dst_shape) on dst_aff, computed over the source's box only."""
-    src_shape = np.asarray(arr.shape[-3:])
-    corners = np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in src_shape], indexing="ij")).reshape(3, -1)
-    world = src_aff[:3, :3] @ corners + src_aff[:3, 3:4]
-    inv = np.linalg.inv(dst_aff)
-    idx = inv[:3, :3] @ world + inv[:3, 3:4]
-    lo = np.maximum(np.floor(idx.min(1)).astype(int) - 1, 0)
-    hi = np.minimum(np.ceil(idx.max(1)).astype(int) + 2, np.asarray(dst_shape))
-    out = np.zeros((arr.shape[0],) + tuple(int(s) for s in dst_shape), np.float32)
-    if np.any(hi <= lo):
-        return out
-    sub_aff = dst_aff.copy()
-    sub_aff[:3, 3] = dst_aff[:3, :3] @ lo + dst_aff[:3, 3]
-    img = MetaTensor(torch.as_tensor(arr, dtype=torch.float32), affine=torch.as_tensor(src_aff, dtype=torch.float64))
-    res = SpatialResample(mode=mode, padding_mode="zeros", dtype=torch.float32)(
-        img, dst_affine=torch.as_tensor(sub_aff, dtype=torch.float64), spatial_size=tuple(int(v) for v in hi - lo)
-    )
-    out[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = res.numpy()
-    return out
+    """Labels onto the CT grid: exact when the source is the CT grid in another orientation (the
+    RAS-reoriented CT), nearest neighbour otherwise."""
+    return resample_labels(grid_labels, Grid(grid_affine, grid_labels.shape), Grid(ct_affine, ct_shape))

@@ -47,6 +47,7 @@ from monai.utils import TraceKeys
 from ctpm.data.io import Volume, load_image
 from ctpm.data.lungs import LEFT, RIGHT, LungSegmentationConfig, evaluation_mask, segment_lungs, _split_touching
 from ctpm.errors import CtpmError, warn
+from ctpm.geometry import Grid, footprint
 
 SIDES = {"right": RIGHT, "left": LEFT}
 
@@ -254,12 +255,12 @@ class CheckOverlapd(MapTransform):
         lungs = ref[0].numpy() > 0
         for key in self.key_iterator(d):
             img = d[key]
-            inside = grid_footprint(img.affine.numpy(), img.shape[1:], ref.affine.numpy(), lungs.shape, where=lungs)
+            inside = footprint(Grid.of(img), Grid.of(ref), where=lungs)
             frac = float(inside[lungs].mean()) if lungs.any() else 0.0
             who = {"patient": d.get("patient_id"), "path": d.get("sources", {}).get(key)}
             if frac < self.min_fraction:
-                lo, hi = _world_box(img)
-                ref_lo, ref_hi = _world_box(ref)
+                lo, hi = Grid.of(img).bounds(edges=True)
+                ref_lo, ref_hi = Grid.of(ref).bounds(edges=True)
                 raise CtpmError(
                     f"{key} does not overlap the lungs of the CT in world coordinates (covers {100 * frac:.0f}% "
                     f"of them; {key} spans {np.round(lo).tolist()}..{np.round(hi).tolist()} mm, lungs "
@@ -270,27 +271,6 @@ class CheckOverlapd(MapTransform):
                      "view is left out of the evaluation mask", patient=d.get("patient_id"))
                 d[f"{key}_fov"] = inside
         return d
-
-
-def grid_footprint(src_affine: np.ndarray, src_shape, dst_affine: np.ndarray, dst_shape,
-                   where: np.ndarray | None = None) -> np.ndarray:
-    """Voxels of a destination grid whose centres lie inside a source grid (any orientation);
-    only those in `where` are tested (the rest are False)."""
-    idx = np.argwhere(where) if where is not None else np.argwhere(np.ones(tuple(dst_shape), bool))
-    to_src = np.linalg.inv(np.asarray(src_affine, np.float64)) @ np.asarray(dst_affine, np.float64)
-    ijk = idx @ to_src[:3, :3].T + to_src[:3, 3]
-    ok = np.all((ijk > -0.5) & (ijk < np.asarray(src_shape[:3], np.float64) - 0.5), axis=1)
-    out = np.zeros(tuple(dst_shape), bool)
-    out[tuple(idx[ok].T)] = True
-    return out
-
-
-def _world_box(img: MetaTensor) -> tuple[np.ndarray, np.ndarray]:
-    shape = np.asarray(img.shape[1:])
-    aff = img.affine.numpy()
-    corners = np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in shape], indexing="ij")).reshape(3, -1)
-    w = aff[:3, :3] @ corners + aff[:3, 3:4]
-    return w.min(1), w.max(1)
 
 
 class EvaluationMaskd(MapTransform):
@@ -497,21 +477,3 @@ def with_history(array: np.ndarray | torch.Tensor, affine, ops: list) -> MetaTen
     mt = MetaTensor(t, affine=torch.as_tensor(np.asarray(affine), dtype=torch.float64))
     mt.applied_operations = [dict(op) for op in ops]
     return mt
-
-
-def save_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=1, default=_json_default))
-
-
-def _json_default(o):
-    if isinstance(o, (np.generic,)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o))
-
-
-def key_names(d: Mapping[Hashable, Any]) -> list[str]:
-    return [str(k) for k in d]

@@ -22,9 +22,10 @@ import numpy as np
 from ctpm.data.io import load_image
 from ctpm.data.lungs import LEFT, RIGHT
 from ctpm.data.manifest import Manifest, Patient
-from ctpm.data.preprocess import patient_inputs, resample_to_grid
-from ctpm.data.transforms import PreprocessConfig, grid_footprint, grid_stage
+from ctpm.data.preprocess import patient_inputs
+from ctpm.data.transforms import PreprocessConfig, grid_stage
 from ctpm.errors import CtpmError
+from ctpm.geometry import Grid, coverage, resample
 from ctpm.metrics import functional_dice, spearman_r
 
 LOBE_NAMES = {1: "LUL", 2: "LLL", 3: "RUL", 4: "RML", 5: "RLL"}
@@ -48,6 +49,10 @@ class GridVolumes:
     def shape(self):
         return self.ct.shape
 
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.affine, self.shape)
+
     def on_grid(self, path: Path, kind: str = "perfusion", mode: str = "bilinear",
                 min_coverage: float | None = None) -> np.ndarray:
         """A map resampled onto this grid. With `min_coverage`, a map whose grid covers less than
@@ -55,24 +60,17 @@ class GridVolumes:
         and so is one that is zero everywhere in the mask: either would score silently as R = 0."""
         vol = load_image(path, kind=kind, patient=self.patient.patient_id)
         if min_coverage is not None:
-            covered = self.coverage(vol.affine, vol.shape)
+            covered = coverage(vol.grid, self.grid, self.mask)
             if covered < min_coverage:
                 raise CtpmError(
                     f"the prediction's grid covers only {100 * covered:.1f}% of the lungs (at least "
                     f"{100 * min_coverage:.0f}% needed, min_coverage); is it this patient's map in the CT's geometry?",
                     patient=self.patient.patient_id, path=path)
-        out = resample_to_grid(vol.array, vol.affine, self.affine, self.shape, mode)
+        out = resample(vol.array, vol.grid, self.grid, order=0 if mode == "nearest" else 1)
         if min_coverage is not None and not np.any(out[self.mask] > 0):
             raise CtpmError("the prediction is zero everywhere in the lungs; is it registered to this CT?",
                             patient=self.patient.patient_id, path=path)
         return out
-
-    def coverage(self, affine: np.ndarray, shape) -> float:
-        """Share of the evaluation-mask voxels whose centres lie inside a grid (affine, shape)."""
-        if not self.mask.any():
-            return 0.0
-        return float(grid_footprint(affine, shape, self.affine, self.shape, where=self.mask)[self.mask].mean())
-
 
 def grid_volumes(patient: Patient, cfg: PreprocessConfig | dict | None = None) -> GridVolumes:
     cfg = PreprocessConfig.from_any(cfg)

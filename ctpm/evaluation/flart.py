@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
-from ctpm.data.io import LPS_TO_RAS, Volume, load_image
+from ctpm.data.io import Volume, load_image
+from ctpm.geometry import dicom_affine
 from ctpm.data.lungs import LEFT, RIGHT
 from ctpm.data.manifest import Manifest
 from ctpm.data.transforms import standardise_spect
@@ -190,20 +191,13 @@ def read_rtdose(path: Path) -> Volume:
     if abs(step) < 1e-6 or np.max(np.abs(steps - step)) > 1e-3 + 1e-3 * abs(step):
         raise CtpmError("RT Dose frames are not evenly spaced (GridFrameOffsetVector); resample it in the TPS",
                         path=path)
-    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
-    row_dir, col_dir = iop[:3], iop[3:]
-    dr, dc = (float(v) for v in ds.PixelSpacing)  # between rows, between columns
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * dc
-    lps[:3, 1] = col_dir * dr
-    lps[:3, 2] = np.cross(row_dir, col_dir) * step
-    lps[:3, 3] = [float(v) for v in ds.ImagePositionPatient]
+    affine = dicom_affine(ds.ImageOrientationPatient, ds.ImagePositionPatient, ds.PixelSpacing, step)
     gy = stored.reshape(frames, rows, cols).astype(np.float32) * np.float32(float(ds.DoseGridScaling))
     array = np.ascontiguousarray(np.transpose(gy, (2, 1, 0)))  # (frame, row, col) -> (i = col, j = row, k = frame)
     meta = {"format": "dicom", "modality": "RTDOSE", "dose_type": str(ds.get("DoseType", "")),
             "dose_summation_type": summation,
             "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", ""))}
-    return Volume(array, LPS_TO_RAS @ lps, meta)
+    return Volume(array, affine, meta)
 
 
 # --------------------------------------------------------------------------------------------------
