@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from benchmarks.run import REPO, bench_main, median, repeats_text, row
-from ctpm.data.synth import PatientData, make_patient, write_patient
+from ctpm.synth import PatientData, make_patient, write_patient
 
 TARGETS_S = {"small": 3.0, "clinical": 30.0}
 QUICK_TARGETS_S = {"tiny": TARGETS_S["small"]}  # smoke run: the small preset's bound holds for tiny

@@ -29,7 +29,7 @@ from benchmarks.run import GB, bench_main, median, repeats_text, row, run_child
 from ctpm.data.cache import PreprocessCache
 from ctpm.data.datamodule import LungDataset
 from ctpm.data.manifest import load_manifest
-from ctpm.data.synth import synthesise
+from ctpm.synth import synthesise
 from ctpm.data.transforms import PreprocessConfig
 from ctpm.lightning.module import masked_loss
 from ctpm.models import ARNN

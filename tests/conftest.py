@@ -43,7 +43,7 @@ def real_ct() -> Path:
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory) -> Path:
     """manifest.csv of 4 non-cancer and 6 cancer patients (3 A, 3 B), tiny preset, seed 0."""
-    from ctpm.data.synth import synthesise
+    from ctpm.synth import synthesise
 
     out = tmp_path_factory.mktemp("cohort")
     return synthesise(out, preset="tiny", n_noncancer=4, n_cancer=6, seed=0, progress=False, **synth_settings())

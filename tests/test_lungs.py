@@ -15,7 +15,7 @@ from ctpm.data.io import load_image, save_nifti
 from ctpm.data.lungs import LEFT, RIGHT, evaluation_mask, segment_lungs
 from ctpm.data.manifest import load_manifest
 from ctpm.data.preprocess import preprocess_patient
-from ctpm.data.synth import make_patient
+from ctpm.synth import make_patient
 from ctpm.errors import CtpmError, CtpmWarning
 from tests.conftest import TINY_PREPROCESSING, synth_settings
 

@@ -11,7 +11,7 @@ import pytest
 
 from ctpm.data.io import load_image
 from ctpm.data.manifest import load_manifest
-from ctpm.data.synth import make_patient, synthesise
+from ctpm.synth import make_patient, synthesise
 from tests.conftest import synth_settings
 from tests.data_helpers import run_cli
 

@@ -1,4 +1,4 @@
-"""ctpm-synth: write synthetic SPECT/CT cohorts (see ctpm.data.synth and conf/synth.yaml)."""
+"""ctpm-synth: write synthetic SPECT/CT cohorts (see ctpm.synth and conf/synth.yaml)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ctpm.cli._common import CONF_DIR, user_errors
 from ctpm.data.manifest import load_manifest
-from ctpm.data.synth import synthesise
+from ctpm.synth import synthesise
 from ctpm.errors import CtpmError
 
 
