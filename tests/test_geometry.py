@@ -15,6 +15,7 @@ from ctpm.geometry import (
     resample,
     resample_labels,
     resample_masked,
+    sample_at,
 )
 
 
@@ -96,3 +97,87 @@ def test_dicom_affine_by_hand():
     # a step vector keeps a gantry tilt
     tilted = dicom_affine([1, 0, 0, 0, 1, 0], [0, 0, 0], [1, 1], [0, 0.5, 2.0])
     np.testing.assert_allclose(LPS_TO_RAS @ tilted @ [0, 0, 2, 1], [0, 1.0, 4.0, 1], atol=1e-9)
+
+
+def test_axis_aligned_helpers_by_hand():
+    g = Grid.axis_aligned((4, 3, 2), (2.0, 1.0, 5.0), (10.0, -1.0, 0.0))
+    assert g.is_axis_aligned
+    x, y, z = g.axes()
+    np.testing.assert_array_equal(x, [10, 12, 14, 16])
+    np.testing.assert_array_equal(z, [0, 5])
+    X, Y, Z = g.mesh()
+    assert (X + Y + Z).shape == g.shape
+    # centres inside the box [11, 16] x [-1, 0.5] x [1, 9]: x 12, 14, 16; y -1, 0; z 5
+    assert g.slices_within([11, -1, 1], [16, 0.5, 9]) == (slice(1, 4), slice(0, 2), slice(1, 2))
+    empty = g.slices_within([100, 0, 0], [200, 1, 1])[0]
+    assert empty.stop <= empty.start
+    sub = g[g.slices_within([11, -1, 1], [16, 0.5, 9])]
+    assert sub.shape == (3, 2, 1)
+    np.testing.assert_allclose(sub.origin, [12, -1, 5])
+    # flipped: the same voxel centres, the flagged axes reversed
+    f = g.flipped((True, False, True))
+    a = np.arange(24.0).reshape(g.shape)
+    ijk = np.argwhere(np.ones(g.shape, bool))
+    np.testing.assert_allclose(f.world(ijk), g.world([3, 0, 1] + ijk * [-1, 1, -1]))
+    np.testing.assert_allclose(resample(a, g, f), a[::-1, :, ::-1], atol=1e-5)
+    assert f.is_axis_aligned  # a flip keeps the grid axis-aligned
+    around = Grid.around(np.array([0.0, 0, 0]), np.array([10.0, 4, 1]), 3.0)
+    assert around.shape == (5, 3, 2) and np.allclose(around.spacing, 3)
+    rot = Grid(np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]), (2, 2, 2))
+    assert not rot.is_axis_aligned
+    with pytest.raises(ValueError):
+        rot.axes()
+
+
+def _monai(a, src, dst, padding):
+    """MONAI's own resampling, the reference of the separable fast path."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    img = MetaTensor(torch.as_tensor(a[None]), affine=torch.as_tensor(src.affine))
+    return SpatialResample(mode="bilinear", padding_mode=padding, dtype=torch.float32)(
+        img, dst_affine=torch.as_tensor(dst.affine), spatial_size=dst.shape).numpy()[0]
+
+
+def test_separable_fast_path_agrees_with_monai_and_a_hand_case():
+    src = Grid.axis_aligned((5, 4, 6), (2.0, 3.0, 1.5), (-4.0, 10.0, 0.0))
+    i, j, k = np.meshgrid(*[np.arange(n) for n in src.shape], indexing="ij")
+    a = (1.0 + 2 * i - 0.5 * j + 0.25 * k).astype(np.float32)  # linear in the index: interpolation is exact
+    # finer, shifted, x flipped, reaching beyond the source on every side
+    dst = Grid.axis_aligned((13, 9, 11), (1.1, 1.7, 1.2), (-6.0, 7.0, -1.9)).flipped((True, False, False))
+    fast = resample(a, src, dst, order=1, edge="zeros")
+    np.testing.assert_allclose(fast, _monai(a, src, dst, "zeros"), atol=1e-4)
+    clamp = resample(a, src, dst, order=1, edge="clamp")
+    np.testing.assert_allclose(clamp, _monai(a, src, dst, "border"), atol=1e-4)
+    # by hand: inside the box of centres the linear field itself; beyond it (clamp) the field at
+    # the nearest point of the box
+    u = np.clip(src.index(dst.world(np.argwhere(np.ones(dst.shape, bool)))), 0, np.asarray(src.shape) - 1)
+    hand = (1.0 + 2 * u[:, 0] - 0.5 * u[:, 1] + 0.25 * u[:, 2]).reshape(dst.shape)
+    np.testing.assert_allclose(clamp, hand, atol=1e-4)
+    ijk = src.index(dst.world(np.argwhere(np.ones(dst.shape, bool)))).reshape(*dst.shape, 3)
+    between = np.all((ijk >= 0) & (ijk <= np.asarray(src.shape) - 1), axis=-1)
+    assert between.sum() > 100 and (~between).sum() > 100
+    np.testing.assert_allclose(fast[between], hand[between], atol=1e-4)
+    # with a fill, what the source does not cover takes it on both paths
+    rotated = Grid(dst.affine @ np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]),
+                   (dst.shape[1], dst.shape[0], dst.shape[2]))
+    assert not rotated.is_axis_aligned
+    np.testing.assert_allclose(resample(a, src, rotated, fill=-5.0),
+                               np.transpose(resample(a, src, dst, fill=-5.0), (1, 0, 2)), atol=1e-4)
+
+
+def test_sample_at_edges_by_hand():
+    g = Grid.axis_aligned((3, 1, 1), (2.0, 1.0, 1.0), (0.0, 0.0, 0.0))  # centres x = 0, 2, 4; voxels -1 .. 5
+    a = np.array([10.0, 20.0, 40.0], np.float32).reshape(3, 1, 1)
+    pts = np.array([[x, 0, 0] for x in (-2.0, -0.5, 0.0, 1.0, 3.0, 4.0, 4.9, 6.0)])
+    np.testing.assert_allclose(sample_at(a, g, pts), [0, 10, 10, 15, 30, 40, 40, 0])
+    np.testing.assert_allclose(sample_at(a, g, pts, fill=-1.0, edge="centre"), [-1, -1, 10, 15, 30, 40, -1, -1])
+    np.testing.assert_allclose(sample_at(a, g, pts, edge="clamp"), [10, 10, 10, 15, 30, 40, 40, 40])
+    near = np.array([[x, 0, 0] for x in (-0.9, 0.9, 1.1, 4.9, 5.1)])
+    np.testing.assert_allclose(sample_at(a, g, near, order=0), [10, 10, 20, 40, 0])
+    np.testing.assert_array_equal(g.contains(pts), [False, True, True, True, True, True, True, False])
+    assert sample_at(a, g, pts.reshape(2, 4, 3)).shape == (2, 4)
+    # a rotated grid is sampled through its inverse affine
+    rot = Grid(np.array([[0, 2.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]), (1, 3, 1))
+    np.testing.assert_allclose(sample_at(a.reshape(1, 3, 1), rot, pts), [0, 10, 10, 15, 30, 40, 40, 0])

@@ -274,7 +274,3 @@ class CohortDataModule(pl.LightningDataModule):
         """The patients whose predictions the evaluation needs: the test fold (fold mode), the
         held-out share (pretrain mode)."""
         return self.test_dataloader()
-
-    def predict_patients(self, ids: list[str]) -> DataLoader:
-        """A loader over any patients of the cohort (e.g. the pretrained model on the cancer cohort)."""
-        return self._loader(LungDataset(self.cache, ids), shuffle=False)

@@ -412,7 +412,3 @@ def atomic_directory(final: str | Path, prefix: str | None = None):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def save_volume(vol: Volume, path: str | Path, dtype=np.float32) -> Path:
-    return save_nifti(vol.array, vol.affine, path, dtype=dtype)

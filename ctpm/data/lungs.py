@@ -51,7 +51,6 @@ def segment_lungs(
     *,
     backend: str = "classical",
     patient: str | None = None,
-    affine: np.ndarray | None = None,
     lungmask_weights: str | None = None,
     config: LungSegmentationConfig | None = None,
 ) -> np.ndarray:
@@ -236,7 +235,6 @@ def _track_airway(cand: np.ndarray, spacing: np.ndarray, cfg: LungSegmentationCo
     continue the airway; stop each branch where it merges into a large (lung) region."""
     px_area = float(spacing[0] * spacing[1])
     max_px = cfg.trachea_max_area_mm2 / px_area
-    nz = cand.shape[2]
     airway = np.zeros_like(cand)
     # start: the highest slices where an airway-sized region lies near the middle of the body
     ks = np.nonzero(cand.any(axis=(0, 1)))[0]

@@ -29,10 +29,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage as ndi
 
 from ctpm.data.io import Volume, load_image
-from ctpm.geometry import dicom_affine
+from ctpm.geometry import Grid, dicom_affine, sample_at
 from ctpm.data.lungs import LEFT, RIGHT
 from ctpm.data.manifest import Manifest
 from ctpm.data.transforms import standardise_spect
@@ -213,8 +212,7 @@ class LungRegions:
     "right"/"left" when the sides are known, a lobe's name when a lobe map is given).
     """
 
-    affine: np.ndarray
-    shape: tuple[int, int, int]
+    grid: Grid
     index: tuple[np.ndarray, np.ndarray, np.ndarray]
     world: np.ndarray
     regions: dict[str, np.ndarray] = field(default_factory=dict)
@@ -222,22 +220,17 @@ class LungRegions:
 
     @property
     def voxel_ml(self) -> float:
-        return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+        return self.grid.voxel_ml
 
     def values_of(self, vol: Volume, *, order: int = 1) -> tuple[np.ndarray, float]:
         """`vol` at the lung voxels (trilinear for order 1, nearest for 0) and the fraction of them
         that lie within its grid. Within half a voxel of the outermost centres the edge value is
         taken (that is what the grid's voxels cover); further out 0."""
-        if vol.shape == self.shape and np.allclose(vol.affine, self.affine, atol=1e-4):
+        grid = Grid.of(vol)
+        if grid.same_as(self.grid):
             return np.asarray(vol.array[self.index], np.float32), 1.0
-        inv = np.linalg.inv(vol.affine)
-        idx = inv[:3, :3] @ self.world.T + inv[:3, 3:4]
-        n = np.asarray(vol.shape, float)[:, None]
-        inside = np.all((idx >= -0.5) & (idx <= n - 0.5), axis=0)
-        values = np.zeros(len(self.world), np.float32)
-        if inside.any():
-            values[inside] = ndi.map_coordinates(vol.array, idx[:, inside], order=order, mode="nearest")
-        return values, float(inside.mean())
+        values = sample_at(vol.array, grid, self.world, order=order, fill=0.0, edge="voxel")
+        return values.astype(np.float32, copy=False), float(grid.contains(self.world).mean())
 
 
 def lung_regions(lungs: Volume | None, lobes: Volume | None = None, *, patient: str | None = None) -> LungRegions:
@@ -264,9 +257,9 @@ def lung_regions(lungs: Volume | None, lobes: Volume | None = None, *, patient: 
     if not inside.any():
         raise CtpmError("the lung mask is empty", patient=patient, path=where)
     index = np.nonzero(inside)
-    ijk = np.stack(index).astype(np.float64)
-    world = (ref.affine[:3, :3] @ ijk + ref.affine[:3, 3:4]).T
-    out = LungRegions(ref.affine.copy(), ref.shape, index, world, {"lungs": np.ones(len(world), bool)})
+    grid = Grid.of(ref)
+    world = grid.world(np.stack(index, axis=1))
+    out = LungRegions(grid, index, world, {"lungs": np.ones(len(world), bool)})
     values = labels[index]
     lobe_values = None
     if lobes is not None:
