@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 from pathlib import Path
 
@@ -132,3 +133,17 @@ def test_make_patient_deterministic_and_institution_grids():
     assert a1.ct.shape[2] != b.ct.shape[2]
     assert a1.spect.shape == tuple(tiny["spect_matrix"]["A"]) and b.spect.shape == tuple(tiny["spect_matrix"]["B"])
     assert a1.tumor_diameter_mm >= 20.0
+
+
+def test_manifest_records_each_patients_spect_psf(cli_cohort):
+    """spect_fwhm_mm: the camera PSF the simulation drew for that patient, within the configured range."""
+    out, _ = cli_cohort
+    s = synth_settings()
+    lo, hi = s["physics"]["spect"]["fwhm"]
+    with (out / "manifest.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    fwhm = {r["patient_id"]: float(r["spect_fwhm_mm"]) for r in rows}
+    assert len(fwhm) == 4 and all(lo <= v <= hi for v in fwhm.values()) and len(set(fwhm.values())) == 4
+    p = next(r for r in rows if r["cohort"] == "noncancer")
+    again = make_patient(p["patient_id"], "noncancer", p["institution"], s["presets"]["tiny"], s["physics"], 5)
+    assert fwhm[p["patient_id"]] == pytest.approx(again.spect_fwhm_mm, abs=5e-4)

@@ -174,9 +174,11 @@ def _delimiter(text: str) -> str:
 
 
 def write_manifest(path: str | Path, rows: list[dict]) -> Path:
-    """Write a manifest CSV (paths as given: relative to the manifest's folder)."""
+    """Write a manifest CSV (paths as given: relative to the manifest's folder). Columns the rows
+    carry beyond the known ones (e.g. ``spect_fwhm_mm`` of synthetic cohorts) follow them."""
     path = Path(path)
     columns = list(REQUIRED) + [c for c in OPTIONAL if any(c in r for r in rows)]
+    columns += [c for c in dict.fromkeys(k for r in rows for k in r) if c not in columns]
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
