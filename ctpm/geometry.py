@@ -31,6 +31,8 @@ class Grid:
     def __post_init__(self):
         object.__setattr__(self, "affine", np.asarray(self.affine, dtype=np.float64).reshape(4, 4))
         object.__setattr__(self, "shape", tuple(int(s) for s in tuple(self.shape)[-3:]))
+        m = self.affine
+        object.__setattr__(self, "_axis_aligned", not (m[0, 1] or m[0, 2] or m[1, 0] or m[1, 2] or m[2, 0] or m[2, 1]))
 
     @classmethod
     def of(cls, obj) -> "Grid":
@@ -58,8 +60,7 @@ class Grid:
     @property
     def is_axis_aligned(self) -> bool:
         """Each index axis runs along one world axis (a diagonal direction matrix; flips allowed)."""
-        m = self.affine[:3, :3]
-        return not np.any(m - np.diag(np.diag(m)))
+        return self._axis_aligned  # type: ignore[attr-defined]
 
     @property
     def origin(self) -> np.ndarray:
@@ -102,7 +103,7 @@ class Grid:
         self._require_axis_aligned("slices_within")
         out = []
         for d, (a, b) in enumerate(zip(lo, hi)):
-            o, s = self.affine[d, 3], self.affine[d, d]
+            o, s = float(self.affine[d, 3]), float(self.affine[d, d])
             u0, u1 = sorted(((float(a) - o) / s, (float(b) - o) / s))
             i0 = max(0, int(math.ceil(u0)))
             i1 = min(self.shape[d], int(math.floor(u1)) + 1)
@@ -122,11 +123,10 @@ class Grid:
     def contains(self, xyz: np.ndarray) -> np.ndarray:
         """(N, 3) world points -> (N,) bool: inside the grid's field of view (within half a voxel of
         the outermost centres, the boundary included)."""
-        ijk = _index(self, np.asarray(xyz, np.float64).reshape(-1, 3))
-        return np.all((ijk >= -0.5) & (ijk <= np.asarray(self.shape, np.float64) - 0.5), axis=1)
+        return _inside(_index_rows(self, np.asarray(xyz, np.float64).reshape(-1, 3)), self.shape)
 
     def _require_axis_aligned(self, what: str) -> None:
-        if not self.is_axis_aligned:
+        if not self._axis_aligned:  # type: ignore[attr-defined]
             raise ValueError(f"Grid.{what} needs an axis-aligned grid, not {self!r}")
 
     def corners(self, *, edges: bool = False) -> np.ndarray:
@@ -146,7 +146,11 @@ class Grid:
         lo = np.asarray(lo, int)
         a = self.affine.copy()
         a[:3, 3] = self.affine[:3, :3] @ lo + self.affine[:3, 3]
-        return Grid(a, tuple(int(v) for v in np.asarray(hi, int) - lo))
+        g = object.__new__(Grid)  # same orientation: the checks of __post_init__ hold already
+        object.__setattr__(g, "affine", a)
+        object.__setattr__(g, "shape", tuple(int(v) for v in np.asarray(hi, int) - lo))
+        object.__setattr__(g, "_axis_aligned", self._axis_aligned)  # type: ignore[attr-defined]
+        return g
 
     def __getitem__(self, sl: tuple[slice, slice, slice]) -> "Grid":
         """The sub-grid of ``array[sl]`` (three slices with step 1, as ``slices_within`` gives)."""
@@ -269,11 +273,13 @@ def _separable_linear(arr: np.ndarray, src: Grid, dst: Grid, *, clamp: bool) -> 
 POINT_EDGES = ("voxel", "centre", "clamp")
 
 
-def sample_at(array: np.ndarray, grid: Grid, xyz: np.ndarray, *, order: int = 1, fill: float = 0.0,
+def sample_at(array: np.ndarray, grid: Grid, xyz, *, order: int = 1, fill: float = 0.0,
               edge: str = "voxel") -> np.ndarray:
-    """``array`` on ``grid`` at world points ``xyz`` (..., 3) -> values (...) (scipy's
-    ``map_coordinates``: order 1 trilinear, 0 nearest).
+    """``array`` on ``grid`` at world points -> their values (scipy's ``map_coordinates``: order 1
+    trilinear, 0 nearest).
 
+    xyz: points (..., 3), or a tuple (X, Y, Z) of broadcastable coordinate arrays (``Grid.mesh`` of
+    another grid: the values at its voxel centres); the values have the points' shape.
     edge "voxel": a point inside the grid's field of view (within half a voxel of the outermost
     centres, what the grid's voxels cover) takes the edge value there, a point further out ``fill``;
     "centre": only points between the outermost centres are interpolated, the others take ``fill``;
@@ -287,26 +293,43 @@ def sample_at(array: np.ndarray, grid: Grid, xyz: np.ndarray, *, order: int = 1,
     arr = np.asarray(array)
     if arr.shape != grid.shape:
         raise ValueError(f"array of shape {arr.shape} is not on the grid {grid.shape}")
-    pts = np.asarray(xyz, np.float64)
-    ijk = _index(grid, pts.reshape(-1, 3))
-    if edge == "clamp":
-        values = ndi.map_coordinates(arr, ijk.T, order=order, mode="nearest")
-    elif edge == "centre":
-        values = ndi.map_coordinates(arr, ijk.T, order=order, mode="constant", cval=fill)
+    if isinstance(xyz, tuple) and grid.is_axis_aligned:  # index each coordinate axis, then broadcast
+        axes = [(np.asarray(c, np.float64) - grid.affine[d, 3]) / grid.affine[d, d] for d, c in enumerate(xyz)]
+        ijk = np.stack(np.broadcast_arrays(*axes))
+        shape = ijk.shape[1:]
+        ijk = ijk.reshape(3, -1)
     else:
-        inside = np.all((ijk >= -0.5) & (ijk <= np.asarray(grid.shape, np.float64) - 0.5), axis=1)
-        values = np.full(len(ijk), fill, arr.dtype if np.issubdtype(arr.dtype, np.floating) else np.float32)
+        pts = np.stack(np.broadcast_arrays(*xyz), axis=-1) if isinstance(xyz, tuple) else np.asarray(xyz, np.float64)
+        shape = pts.shape[:-1]
+        ijk = _index_rows(grid, pts.reshape(-1, 3))
+    if edge == "clamp":
+        values = ndi.map_coordinates(arr, ijk, order=order, mode="nearest")
+    elif edge == "centre":
+        values = ndi.map_coordinates(arr, ijk, order=order, mode="constant", cval=fill)
+    else:
+        inside = _inside(ijk, grid.shape)
+        values = np.full(ijk.shape[1], fill, arr.dtype if np.issubdtype(arr.dtype, np.floating) else np.float32)
         if inside.any():
-            values[inside] = ndi.map_coordinates(arr, ijk[inside].T, order=order, mode="nearest")
-    return values.reshape(pts.shape[:-1])
+            values[inside] = ndi.map_coordinates(arr, ijk[:, inside], order=order, mode="nearest")
+    return values.reshape(shape)
 
 
-def _index(grid: Grid, xyz: np.ndarray) -> np.ndarray:
-    """(N, 3) world mm -> continuous voxel indices; (x - origin) / spacing on axis-aligned grids
-    (exact where the inverse affine would round)."""
-    if grid.is_axis_aligned:
-        return (xyz - grid.affine[:3, 3]) / np.diag(grid.affine)[:3]
-    return grid.index(xyz)
+def _inside(ijk: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """(3, N) continuous indices -> (N,) within half a voxel of the outermost centres (inclusive)."""
+    n = np.asarray(shape, np.float64)[:, None]
+    return np.all((ijk >= -0.5) & (ijk <= n - 0.5), axis=0)
+
+
+def _index_rows(grid: Grid, xyz: np.ndarray) -> np.ndarray:
+    """(N, 3) world mm -> (3, N) continuous voxel indices (the layout ``map_coordinates`` takes);
+    (x - origin) / spacing on axis-aligned grids (exact where the inverse affine would round)."""
+    if not grid.is_axis_aligned:
+        return np.ascontiguousarray(grid.index(xyz).T)
+    out = np.empty((3, len(xyz)), np.float64)
+    for d in range(3):
+        np.subtract(xyz[:, d], grid.affine[d, 3], out=out[d])
+        out[d] /= grid.affine[d, d]
+    return out
 
 
 def reorientation(src: Grid, dst: Grid) -> Callable[[np.ndarray], np.ndarray] | None:

@@ -24,8 +24,7 @@ def simulate_spect(perf: np.ndarray, wgrid: Grid, ph: Phantom, preset: dict, phy
     centre = (lo + hi) / 2 + rng.uniform(-1, 1, 3) * float(sp["shift"])
     origin = centre - (np.asarray(shape) - 1) * np.asarray(vox) / 2
     sgrid = Grid.axis_aligned(shape, vox, origin)
-    centres = np.stack(np.meshgrid(*sgrid.axes(), indexing="ij"), axis=-1)
-    expected = sample_at(blurred, wgrid, centres, order=1, fill=0.0, edge="centre")
+    expected = sample_at(blurred, wgrid, sgrid.mesh(), order=1, fill=0.0, edge="centre")
     total = uniform(rng, sp["counts"][institution])
     expected *= total / max(float(expected.sum()), 1e-6)
     counts = rng.poisson(expected).astype(np.float32)
