@@ -31,7 +31,6 @@ import numpy as np
 import pandas as pd
 
 from ctpm.data.io import Volume, load_image
-from ctpm.geometry import Grid, dicom_affine, sample_at
 from ctpm.data.lungs import LEFT, RIGHT
 from ctpm.data.manifest import Manifest
 from ctpm.data.transforms import standardise_spect
@@ -39,6 +38,7 @@ from ctpm.errors import CtpmError, warn
 from ctpm.evaluation.evaluate import find_predictions
 from ctpm.evaluation.report import _write_atomic, json_safe
 from ctpm.evaluation.stats import LOBES, describe, paired_comparison
+from ctpm.geometry import Grid, dicom_affine, sample_at
 
 THRESHOLDS_GY = (5.0, 20.0, 30.0)
 #: Lobe labels of the lobe map (design card) and which lung each belongs to.
