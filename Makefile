@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadgroup
 
 demo: $(STAMP)
-	$(BIN)/python -m ctpm.cli.study train_experiment=demo out=$(DEMO)
+	$(BIN)/python -m ctpm.cli.study train_scale=demo out=$(DEMO)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --readme README.md

@@ -8,7 +8,9 @@ Search space in Hydra's sweep syntax, under hydra.sweeper.params:
 Every trial is one job of the configured launcher (basic, or SLURM via submitit); the job's return
 value (ctpm-train returns `optimized_metric`) is what Optuna optimises. A failed job is told to
 Optuna as a failed trial and the sweep goes on. The best trial is written to
-<sweep dir>/optimization_results.yaml.
+<sweep dir>/optimization_results.yaml: its parameters and value, its run folder (`best_run_dir`)
+and the final checkpoint that run's provenance.json records (`best_checkpoint`), so that
+`ctpm-train experiment=finetune model.init_from=<sweep dir>` starts from the best trial.
 """
 
 
@@ -24,6 +26,8 @@ from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
+
+from ctpm.provenance import SWEEP_RESULTS, read_provenance, relative_to, resolve_in
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,15 @@ def suggest(trial, name: str, override: Override) -> Any:
     raise ValueError(f"{name}: not a sweep ({override.input_line})")
 
 
+def _final_checkpoint(run_dir: Optional[str]) -> Optional[str]:
+    """The final checkpoint a trial's run folder records in its provenance.json (None without one)."""
+    if run_dir is None:
+        return None
+    record = read_provenance(run_dir)
+    ckpt = resolve_in(run_dir, record.get("checkpoint")) if record else None
+    return str(ckpt) if ckpt is not None else None
+
+
 class CtpmOptunaSweeper(Sweeper):
     def __init__(self, direction: str, n_trials: int, n_jobs: int, seed: Optional[int], sampler: str,
                  study_name: Optional[str], storage: Optional[str], params: Dict[str, str]):
@@ -89,6 +102,7 @@ class CtpmOptunaSweeper(Sweeper):
         study = optuna.create_study(direction=self.direction, sampler=sampler, study_name=self.study_name,
                                     storage=self.storage, load_if_exists=self.storage is not None)
         log.info("Optuna study: %d trials, %s, space %s", self.n_trials, self.direction, sorted(space))
+        run_dirs: Dict[int, str] = {}
         done = 0
         while done < self.n_trials:
             trials = [study.ask() for _ in range(min(self.n_jobs, self.n_trials - done))]
@@ -102,13 +116,20 @@ class CtpmOptunaSweeper(Sweeper):
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     continue
                 study.tell(trial, value)
+                if ret.hydra_cfg is not None:
+                    run_dirs[trial.number] = str(ret.hydra_cfg.hydra.runtime.output_dir)
             done += len(trials)
         complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if not complete:
             raise RuntimeError("no trial of the sweep completed")
         best = study.best_trial
+        sweep_dir = Path(self.sweep_dir)
+        run_dir = run_dirs.get(best.number)
         results_cfg = OmegaConf.create({"name": "optuna", "best_params": best.params, "best_value": best.value,
-                                        "n_complete": len(complete), "n_trials": len(study.trials)})
-        Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(results_cfg, Path(self.sweep_dir) / "optimization_results.yaml")
+                                        "best_trial": best.number, "n_complete": len(complete),
+                                        "n_trials": len(study.trials),
+                                        "best_run_dir": relative_to(sweep_dir, run_dir),
+                                        "best_checkpoint": relative_to(sweep_dir, _final_checkpoint(run_dir))})
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(results_cfg, sweep_dir / SWEEP_RESULTS)
         log.info("best trial %d: %s = %.4f", best.number, best.params, best.value)
