@@ -84,7 +84,7 @@ class Study:
 
 # ---- configs and commands ----
 
-def compose(config_name: str, overrides: list[str]) -> DictConfig:
+def compose(config_name: str, overrides: list[str], *, return_hydra_config: bool = False) -> DictConfig:
     """A config of the ctpm tree, composed by Hydra's compose API as the command would compose it.
     Works inside a running Hydra app too (the app's global Hydra is set aside and put back)."""
     from hydra import compose as hydra_compose
@@ -96,7 +96,7 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-            return hydra_compose(config_name, overrides=list(overrides))
+            return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
     finally:
         restore_gh_from_backup(backup)
 
