@@ -90,9 +90,10 @@ def resolve_checkpoint(spec: str | Path) -> Path:
         return _sweep_checkpoint(path)
     record = read_provenance(path)
     if record is None:
-        hint = ("; it holds several checkpoints, name one file: model.init_from=" + str(path / "<run>/checkpoints/last.ckpt")
-                if len(list(path.glob("**/last.ckpt"))) > 1 else
-                "; give the checkpoint file (model.init_from=DIR/checkpoints/last.ckpt) or a run folder that ctpm-train wrote")
+        if len(list(path.glob("**/last.ckpt"))) > 1:
+            hint = f"; it holds several checkpoints, name one file: model.init_from={path}/<run>/checkpoints/last.ckpt"
+        else:
+            hint = "; give the checkpoint file (model.init_from=DIR/checkpoints/last.ckpt) or a ctpm-train run folder"
         raise CtpmError(f"model.init_from is a folder without {PROVENANCE} or {SWEEP_RESULTS}" + hint, path=path)
     ckpt = resolve_in(path, record.get("checkpoint"))
     if ckpt is None:

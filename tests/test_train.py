@@ -78,7 +78,8 @@ def test_a_command_line_override_beats_the_schedule():
 @pytest.mark.parametrize("model", ["arnn", "unet", "arnn_ablation"])
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp"])
 def test_model_and_trainer_configs_compose(model, trainer, tiny_cohort, tiny_cache, tmp_path):
-    over = [o for o in tiny_overrides(tiny_cohort, tiny_cache, tmp_path) if not (model == "unet" and o.startswith("model.net."))]
+    over = [o for o in tiny_overrides(tiny_cohort, tiny_cache, tmp_path)
+            if not (model == "unet" and o.startswith("model.net."))]
     cfg = compose_train([f"model={model}", f"trainer={trainer}", *over])
     net = hydra.utils.instantiate(cfg.model.net)
     x = torch.zeros(1, 1, 32, 16, 16)
@@ -88,7 +89,8 @@ def test_model_and_trainer_configs_compose(model, trainer, tiny_cohort, tiny_cac
 
 
 def test_finetune_starts_from_the_pretrain_weights(tiny_cohort, tiny_cache, tmp_path, pretrained):
-    cfg = compose_train(["experiment=finetune", f"model.init_from={pretrained}", *tiny_overrides(tiny_cohort, tiny_cache, tmp_path)])
+    base = tiny_overrides(tiny_cohort, tiny_cache, tmp_path)
+    cfg = compose_train(["experiment=finetune", f"model.init_from={pretrained}", *base])
     model = build(cfg)["model"]
     expected = network_weights(load_state_dict_safely(pretrained))
     got = model.net.state_dict()
@@ -109,7 +111,8 @@ def test_finetune_starts_from_a_pretrain_run_folder_by_its_record(tiny_cohort, t
     assert record["cache_hash"] == PreprocessCache(tiny_cache, record["preprocessing"]).key
     assert record["manifest"] == str(tiny_cohort) and record["predictions"] == "predictions"
     assert resolve_checkpoint(run_dir) == pretrained
-    cfg = compose_train(["experiment=finetune", f"model.init_from={run_dir}", *tiny_overrides(tiny_cohort, tiny_cache, tmp_path)])
+    base = tiny_overrides(tiny_cohort, tiny_cache, tmp_path)
+    cfg = compose_train(["experiment=finetune", f"model.init_from={run_dir}", *base])
     expected = network_weights(load_state_dict_safely(pretrained))
     got = build(cfg)["model"].net.state_dict()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
@@ -135,7 +138,8 @@ def test_missing_or_mismatched_pretrain_checkpoint_stops_before_training(tiny_co
         build(compose_train(["experiment=finetune", f"model.init_from={tmp_path / 'nope.ckpt'}", *base]))
     assert "does not exist" in str(err.value) and "nope.ckpt" in str(err.value)
     with pytest.raises(Exception) as err:
-        build(compose_train(["experiment=finetune", f"model.init_from={pretrained}", *base, "model.net.base_channels=8"]))
+        build(compose_train(["experiment=finetune", f"model.init_from={pretrained}", *base,
+                             "model.net.base_channels=8"]))
     assert "does not fit this network" in str(err.value)
     with pytest.raises(CtpmError, match=r"experiment=finetune starts from a pretrained model: give model.init_from="):
         build(compose_train(["experiment=finetune", *base]))
@@ -175,7 +179,8 @@ def _weights(model) -> dict[str, torch.Tensor]:
 def test_deterministic_and_exact_resume_after_a_kill(tiny_cohort, tiny_cache, tmp_path):
     def cfg_for(out: Path, extra=()):
         return compose_train(["experiment=pretrain", *tiny_overrides(tiny_cohort, tiny_cache, out),
-                              "trainer.deterministic=true", "trainer.max_epochs=2", "predict=false", "test=false", *extra])
+                              "trainer.deterministic=true", "trainer.max_epochs=2", "predict=false", "test=false",
+                              *extra])
 
     # two uninterrupted runs: identical metrics and weights (CPU, deterministic)
     runs = []
@@ -227,13 +232,18 @@ def test_wandb_runs_offline(tiny_cohort, tiny_cache, tmp_path, monkeypatch):
     assert list(tmp_path.glob("wandb/offline-run-*"))
 
 
+def _without_output_dir(overrides: list[str]) -> list[str]:
+    """A multirun's jobs each get their own folder (hydra.sweep.dir/subdir)."""
+    return [o for o in overrides if not o.startswith("paths.output_dir")]
+
+
 def test_fold_multirun_keeps_the_good_folds_when_one_fails(tiny_cohort, own_cache, tmp_path, pretrained):
     """Two folds and a third job with an impossible fold: the two write their predictions, the
     failing one is reported, and the exit status says a job failed."""
     sweep = tmp_path / "sweep"
     res = run_cli("ctpm-train", "-m", "experiment=finetune", "data.n_folds=2", "data.fold=0,1,7",
                   f"model.init_from={pretrained}", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${data.fold}",
-                  *[o for o in tiny_overrides(tiny_cohort, own_cache, tmp_path) if not o.startswith("paths.output_dir")])
+                  *_without_output_dir(tiny_overrides(tiny_cohort, own_cache, tmp_path)))
     assert res.returncode != 0
     assert "data.fold=7 is outside 0..1" in res.stderr
     preds = [p.name for k in (0, 1) for p in (sweep / str(k) / "predictions").glob("*.nii.gz")]
@@ -250,7 +260,7 @@ def test_optuna_sweep_returns_best_validation_r(tiny_cohort, tiny_cache, tmp_pat
     sweep = tmp_path / "sweep"
     res = run_cli("ctpm-train", "-m", "experiment=pretrain", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
                   f"hydra.sweep.dir={sweep}",
-                  *[o for o in tiny_overrides(tiny_cohort, tiny_cache, tmp_path) if not o.startswith("paths.output_dir")])
+                  *_without_output_dir(tiny_overrides(tiny_cohort, tiny_cache, tmp_path)))
     assert res.returncode == 0, res.stderr[-2000:]
     best = OmegaConf.load(sweep / "optimization_results.yaml")
     assert best.n_complete == 2 and -1.0 <= best.best_value <= 1.0
@@ -264,6 +274,7 @@ def test_optuna_sweep_returns_best_validation_r(tiny_cohort, tiny_cache, tmp_pat
 
 def test_slurm_launcher_composes_with_the_submitit_plugin():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install 'ctpm[slurm]'")
-    cfg = compose("train", ["hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=2"], return_hydra_config=True)
+    cfg = compose("train", ["hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=2"],
+                  return_hydra_config=True)
     assert cfg.hydra.launcher.gpus_per_node == 2 and cfg.hydra.launcher.timeout_min == 720
 

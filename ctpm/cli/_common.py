@@ -7,8 +7,8 @@ import logging
 import os
 import sys
 import warnings
-from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ctpm.conf import conf_dir
 from ctpm.errors import CtpmError, CtpmWarning

@@ -49,8 +49,8 @@ def starting_checkpoint(cfg: DictConfig) -> str | None:
     """The checkpoint file model.init_from names (a file, a pretrain run folder or a sweep folder,
     see ctpm.provenance.resolve_checkpoint), or None for a run from scratch."""
     if OmegaConf.is_missing(cfg.model, "init_from"):
-        raise CtpmError(f"experiment={cfg.get('stage')} starts from a pretrained model: give model.init_from=<a checkpoint "
-                        "file, a pretrain run folder or an Optuna sweep folder>")
+        raise CtpmError(f"experiment={cfg.get('stage')} starts from a pretrained model: give "
+                        "model.init_from=<a checkpoint file, a pretrain run folder or an Optuna sweep folder>")
     spec = cfg.model.init_from
     return str(resolve_checkpoint(spec)) if spec else None
 

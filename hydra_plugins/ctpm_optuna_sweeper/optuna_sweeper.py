@@ -17,7 +17,7 @@ and the final checkpoint that run's provenance.json records (`best_checkpoint`),
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -38,11 +38,11 @@ class CtpmOptunaSweeperConf:
     direction: str = "maximize"
     n_trials: int = 20
     n_jobs: int = 1  # trials launched together (parallel with a parallel launcher)
-    seed: Optional[int] = None
+    seed: int | None = None
     sampler: str = "tpe"  # tpe | random
-    study_name: Optional[str] = None
-    storage: Optional[str] = None  # e.g. sqlite:///optuna.db to resume a study
-    params: Dict[str, str] = field(default_factory=dict)
+    study_name: str | None = None
+    storage: str | None = None  # e.g. sqlite:///optuna.db to resume a study
+    params: dict[str, str] = field(default_factory=dict)
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="ctpm_optuna", node=CtpmOptunaSweeperConf, provider="ctpm")
@@ -64,7 +64,7 @@ def suggest(trial, name: str, override: Override) -> Any:
     raise ValueError(f"{name}: not a sweep ({override.input_line})")
 
 
-def _final_checkpoint(run_dir: Optional[str]) -> Optional[str]:
+def _final_checkpoint(run_dir: str | None) -> str | None:
     """The final checkpoint a trial's run folder records in its provenance.json (None without one)."""
     if run_dir is None:
         return None
@@ -74,8 +74,8 @@ def _final_checkpoint(run_dir: Optional[str]) -> Optional[str]:
 
 
 class CtpmOptunaSweeper(Sweeper):
-    def __init__(self, direction: str, n_trials: int, n_jobs: int, seed: Optional[int], sampler: str,
-                 study_name: Optional[str], storage: Optional[str], params: Dict[str, str]):
+    def __init__(self, direction: str, n_trials: int, n_jobs: int, seed: int | None, sampler: str,
+                 study_name: str | None, storage: str | None, params: dict[str, str]):
         self.direction, self.n_trials, self.n_jobs = direction, int(n_trials), max(1, int(n_jobs))
         self.seed, self.sampler_name, self.study_name, self.storage = seed, sampler, study_name, storage
         self.params = dict(params or {})
@@ -87,14 +87,15 @@ class CtpmOptunaSweeper(Sweeper):
         )
         self.sweep_dir = config.hydra.sweep.dir
 
-    def sweep(self, arguments: List[str]) -> None:
+    def sweep(self, arguments: list[str]) -> None:
         import optuna
 
         parser = OverridesParser.create()
         given = parser.parse_overrides(arguments)
         fixed = [o.input_line for o in given if not o.is_sweep_override()]
         space = {o.get_key_element(): o for o in given if o.is_sweep_override()}
-        space.update({o.get_key_element(): o for o in parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()])})
+        searched = parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()])
+        space.update({o.get_key_element(): o for o in searched})
         if not space:
             raise ValueError("hydra.sweeper.params is empty: nothing to search")
         sampler = (optuna.samplers.RandomSampler(seed=self.seed) if self.sampler_name == "random"
@@ -102,7 +103,7 @@ class CtpmOptunaSweeper(Sweeper):
         study = optuna.create_study(direction=self.direction, sampler=sampler, study_name=self.study_name,
                                     storage=self.storage, load_if_exists=self.storage is not None)
         log.info("Optuna study: %d trials, %s, space %s", self.n_trials, self.direction, sorted(space))
-        run_dirs: Dict[int, str] = {}
+        run_dirs: dict[int, str] = {}
         done = 0
         while done < self.n_trials:
             trials = [study.ask() for _ in range(min(self.n_jobs, self.n_trials - done))]
