@@ -214,23 +214,28 @@ def finetune(study: Study) -> dict[str, Any]:
     folds not yet done with this checkpoint run. out/finetune/provenance.json lists the folds."""
     root = study.out / "finetune"
     start = str(resolve_checkpoint(study.out / "pretrain").absolute())
-    key = cache_hash(training_preprocessing(study))
+    prep = training_preprocessing(study)
+    key = cache_hash(prep)
     folds = list(range(int(study.folds)))
     todo = [k for k in folds if not _done(root / str(k), "finetune", init_from=start, cache_hash=key, fold=k)]
+    command = (read_provenance(root, "finetune") or {}).get("command")
     if todo:
         _start(root)
         for k in todo:
             _start(root / str(k))
-        run_command(["ctpm-train", "-m", *study.train_args("finetune"), f"data.n_folds={study.folds}",
-                     f"data.fold={','.join(map(str, todo))}", f"model.init_from={study.out / 'pretrain'}",
-                     f"hydra.sweep.dir={root}", "hydra.sweep.subdir=${data.fold}"], study.log)
+        args = ["ctpm-train", "-m", *study.train_args("finetune"), f"data.n_folds={study.folds}",
+                f"data.fold={','.join(map(str, todo))}", f"model.init_from={study.out / 'pretrain'}",
+                f"hydra.sweep.dir={root}", "hydra.sweep.subdir=${data.fold}"]
+        run_command(args, study.log)
+        command = shlex.join(args)
     runs = [_finished(root / str(k), "finetune") for k in folds]
-    return _record(root, {"stage": "finetune", "folds": folds, "init_from": start, "cache_hash": key,
+    return _record(root, {"stage": "finetune", "folds": folds, "init_from": start, "preprocessing": prep,
+                          "cache_hash": key, "spacing": prep.get("spacing"),
                           "checkpoints": [relative_to(root, resolve_in(root / str(k), r["checkpoint"]))
                                           for k, r in zip(folds, runs)],
                           "predictions": [relative_to(root, resolve_in(root / str(k), r["predictions"]))
                                           for k, r in zip(folds, runs)],
-                          "manifest": str(study.manifest), "command": None})
+                          "manifest": str(study.manifest), "command": command})
 
 
 def predict_pretrained(study: Study) -> dict[str, Any]:
@@ -238,6 +243,7 @@ def predict_pretrained(study: Study) -> dict[str, Any]:
     out/predictions_pretrained: the baseline the fine-tuned models are compared with."""
     folder = study.out / "predictions_pretrained"
     ckpt = resolve_checkpoint(study.out / "pretrain")
+    trained = read_provenance(study.out / "pretrain", "pretrain") or {}
     record = _done(folder, "predict", checkpoint=str(ckpt.absolute()), manifest=str(study.manifest))
     if record:
         return record
@@ -246,6 +252,8 @@ def predict_pretrained(study: Study) -> dict[str, Any]:
             "overwrite=true"]
     run_command(args, study.log)
     return _record(folder, {"stage": "predict", "checkpoint": str(ckpt.absolute()), "cohort": "cancer",
+                            # the checkpoint's own preprocessing, which ctpm-predict applies
+                            **{k: trained.get(k) for k in ("preprocessing", "cache_hash", "spacing")},
                             "manifest": str(study.manifest), "command": shlex.join(args)})
 
 
@@ -278,8 +286,8 @@ def evaluate(study: Study) -> dict[str, Any]:
     _start(study.out)
     args = evaluate_command(study)
     run_command(args, study.log)
-    return _record(study.out, {"stage": "evaluate", **inputs, "report": "report.md", "manifest": str(study.manifest),
-                               "command": shlex.join(args)})
+    return _record(study.out, {"stage": "evaluate", **inputs, "spacing": ft.get("spacing"), "cache": "cache",
+                               "report": "report.md", "manifest": str(study.manifest), "command": shlex.join(args)})
 
 
 def run_study(study: Study, *, synth: dict[str, Any] | None = None, fresh: bool = False) -> Path:
