@@ -1,4 +1,5 @@
-# ctpm: `make demo` runs the study on synthetic data, `make test` runs the suite.
+# ctpm: `make demo` runs the study on synthetic data, `make test` runs the suite, `make lint` runs
+# ruff (its rules are in pyproject.toml).
 # Both create .venv on first use. TORCH picks the PyTorch build: the default is the CPU wheel that
 # these machines keep on disk; on a CUDA machine use `make install TORCH=torch` (or a pinned
 # `torch==X.Y.Z`), which takes the ordinary CUDA build from PyPI.
@@ -23,8 +24,11 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadgroup
 
+lint: $(STAMP)
+	$(BIN)/python -m ruff check .
+
 demo: $(STAMP)
-	$(BIN)/python -m ctpm.cli.study train_experiment=demo out=$(DEMO)
+	$(BIN)/python -m ctpm.cli.study train_scale=demo out=$(DEMO)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --readme README.md

@@ -12,7 +12,6 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
 from ctpm.cli._common import CONF_DIR
-from ctpm.lightning.train import register_resolvers
 
 BIN = Path(sys.executable).parent
 
@@ -31,14 +30,12 @@ def tiny_overrides(manifest: Path, cache: Path, out: Path) -> list[str]:
         "logger=none",
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
-        "epochs.pretrain=1",
-        "epochs.finetune=1",
+        "trainer.max_epochs=1",
         "data.progress=false",
     ]
 
 
 def compose_train(overrides: list[str]) -> DictConfig:
-    register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides)

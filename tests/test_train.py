@@ -12,12 +12,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ctpm.data.cache import PreprocessCache
 from ctpm.errors import CtpmError
 from ctpm.lightning.module import load_state_dict_safely, network_weights
 from ctpm.lightning.train import build, train
+from ctpm.pipeline import compose
+from ctpm.provenance import read_provenance, resolve_checkpoint, resolve_in, write_provenance
 from tests.helpers import compose_train, run_cli, tiny_overrides
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 @pytest.fixture
@@ -36,24 +37,49 @@ def pretrained(tiny_cohort, tiny_cache, tmp_path_factory) -> Path:
     return ckpt
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
-@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
-def test_every_experiment_composes_and_instantiates(experiment, stage, tiny_cohort, own_cache, tmp_path, pretrained):
-    over = [f"experiment={experiment}", f"stage={stage}", *tiny_overrides(tiny_cohort, own_cache, tmp_path)]
-    if stage == "finetune":
-        over.append(f"model.init_from={pretrained}")
-    cfg = compose_train(over)
-    assert cfg.stage == stage
-    assert cfg.data.cohort == ("noncancer" if stage == "pretrain" else "cancer")
-    objects = build(cfg)
-    assert objects["trainer"].max_epochs == 1
-    assert objects["model"].net is not None
+# The schedule each (experiment x scale) composes to, as conf/train.yaml documents it.
+SCHEDULES = {("pretrain", "paper"): (1.0e-3, 100), ("finetune", "paper"): (2.0e-4, 50),
+             ("pretrain", "demo"): (3.0e-3, 12), ("finetune", "demo"): (1.0e-4, 10)}
+SIZES = {"paper": ([1.0, 1.0, 1.0], [128, 64, 64], 16), "demo": ([2.0, 2.0, 2.0], [64, 32, 32], 8)}
+
+
+@pytest.mark.parametrize("scale", ["paper", "demo"])
+@pytest.mark.parametrize("experiment", ["pretrain", "finetune"])
+def test_every_experiment_and_scale_composes_and_runs_fast_dev_run(experiment, scale, tiny_cohort, own_cache,
+                                                                   tmp_path, pretrained):
+    """One override names the step, one the scale: the composed job has that step's cohort and that
+    scale's sizes and schedule (model.optimizer.lr and trainer.max_epochs, the one place those
+    live), and, shrunk to the tiny cohort, it instantiates and runs one fast_dev_run batch."""
+    init = [f"model.init_from={pretrained}"] if experiment == "finetune" else []
+    cfg = compose("train", [f"experiment={experiment}", f"scale={scale}", *init])
+    lr, epochs = SCHEDULES[(experiment, scale)]
+    assert cfg.model.optimizer.lr == pytest.approx(lr) and cfg.trainer.max_epochs == epochs
+    assert cfg.model.scheduler.T_max == epochs
+    spacing, roi, channels = SIZES[scale]
+    assert list(cfg.data.preprocessing.spacing) == spacing and list(cfg.data.preprocessing.roi_size) == roi
+    assert cfg.model.net.base_channels == channels
+    assert cfg.stage == experiment and cfg.data.cohort == ("noncancer" if experiment == "pretrain" else "cancer")
+    assert "epochs" not in cfg and "lr" not in cfg  # no second copy of the schedule
+
+    over = [f"experiment={experiment}", f"scale={scale}", *init, *tiny_overrides(tiny_cohort, own_cache, tmp_path)]
+    objects = build(compose_train(over))
+    assert objects["trainer"].max_epochs == 1 and objects["model"].net is not None
+    train(compose_train([*over, "debug=fdr"]))
+    record = read_provenance(tmp_path, experiment)
+    assert record["init_from"] == (str(pretrained.absolute()) if init else None)
+    assert record["cache_hash"] == PreprocessCache(own_cache, record["preprocessing"]).key
+
+
+def test_a_command_line_override_beats_the_schedule():
+    cfg = compose("train", ["experiment=finetune", "scale=demo", "model.optimizer.lr=0.5", "trainer.max_epochs=3"])
+    assert cfg.model.optimizer.lr == 0.5 and cfg.trainer.max_epochs == 3 and cfg.model.scheduler.T_max == 3
 
 
 @pytest.mark.parametrize("model", ["arnn", "unet", "arnn_ablation"])
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp"])
 def test_model_and_trainer_configs_compose(model, trainer, tiny_cohort, tiny_cache, tmp_path):
-    over = [o for o in tiny_overrides(tiny_cohort, tiny_cache, tmp_path) if not (model == "unet" and o.startswith("model.net."))]
+    over = [o for o in tiny_overrides(tiny_cohort, tiny_cache, tmp_path)
+            if not (model == "unet" and o.startswith("model.net."))]
     cfg = compose_train([f"model={model}", f"trainer={trainer}", *over])
     net = hydra.utils.instantiate(cfg.model.net)
     x = torch.zeros(1, 1, 32, 16, 16)
@@ -62,14 +88,9 @@ def test_model_and_trainer_configs_compose(model, trainer, tiny_cohort, tiny_cac
         assert cfg.trainer.accelerator == "gpu" and "bf16" in cfg.trainer.precision
 
 
-def test_fast_dev_run_pretrain_and_finetune(tiny_cohort, own_cache, tmp_path, pretrained):
-    base = tiny_overrides(tiny_cohort, own_cache, tmp_path)
-    train(compose_train(["experiment=pretrain", "debug=fdr", *base]))
-    train(compose_train(["experiment=finetune", "debug=fdr", "data.fold=1", f"model.init_from={pretrained}", *base]))
-
-
 def test_finetune_starts_from_the_pretrain_weights(tiny_cohort, tiny_cache, tmp_path, pretrained):
-    cfg = compose_train(["experiment=finetune", f"model.init_from={pretrained}", *tiny_overrides(tiny_cohort, tiny_cache, tmp_path)])
+    base = tiny_overrides(tiny_cohort, tiny_cache, tmp_path)
+    cfg = compose_train(["experiment=finetune", f"model.init_from={pretrained}", *base])
     model = build(cfg)["model"]
     expected = network_weights(load_state_dict_safely(pretrained))
     got = model.net.state_dict()
@@ -82,12 +103,33 @@ def test_finetune_starts_from_the_pretrain_weights(tiny_cohort, tiny_cache, tmp_
     assert any(not torch.equal(fresh[k], expected[k]) for k in expected)
 
 
-def test_finetune_default_init_is_the_latest_pretrain_run(tiny_cohort, tiny_cache, tmp_path, pretrained):
-    runs = tmp_path / "train" / "pretrain" / "runs" / "x" / "checkpoints"
-    runs.mkdir(parents=True)
-    (runs / "last.ckpt").write_bytes(pretrained.read_bytes())
-    cfg = compose_train(["experiment=finetune", *tiny_overrides(tiny_cohort, tiny_cache, tmp_path)])
-    assert cfg.model.init_from == str(runs / "last.ckpt")
+def test_finetune_starts_from_a_pretrain_run_folder_by_its_record(tiny_cohort, tiny_cache, tmp_path, pretrained):
+    """model.init_from=<run folder>: the final checkpoint the run's provenance.json records."""
+    run_dir = pretrained.parent.parent
+    record = read_provenance(run_dir, "pretrain")
+    assert resolve_in(run_dir, record["checkpoint"]) == pretrained
+    assert record["cache_hash"] == PreprocessCache(tiny_cache, record["preprocessing"]).key
+    assert record["manifest"] == str(tiny_cohort) and record["predictions"] == "predictions"
+    assert resolve_checkpoint(run_dir) == pretrained
+    base = tiny_overrides(tiny_cohort, tiny_cache, tmp_path)
+    cfg = compose_train(["experiment=finetune", f"model.init_from={run_dir}", *base])
+    expected = network_weights(load_state_dict_safely(pretrained))
+    got = build(cfg)["model"].net.state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_a_folder_without_a_record_is_refused_with_the_fix(tmp_path, pretrained):
+    """Never "the newest last.ckpt below a folder": a folder of runs, or a run without a record, is refused."""
+    for name in ("a", "b"):
+        (tmp_path / "runs" / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / "runs" / name / "checkpoints" / "last.ckpt").write_bytes(pretrained.read_bytes())
+    with pytest.raises(CtpmError, match="several checkpoints, name one file"):
+        resolve_checkpoint(tmp_path / "runs")
+    with pytest.raises(CtpmError, match="without provenance.json"):
+        resolve_checkpoint(tmp_path / "runs" / "a")
+    write_provenance(tmp_path / "fdr", {"stage": "pretrain", "checkpoint": None})
+    with pytest.raises(CtpmError, match="recorded no checkpoint"):
+        resolve_checkpoint(tmp_path / "fdr")
 
 
 def test_missing_or_mismatched_pretrain_checkpoint_stops_before_training(tiny_cohort, tiny_cache, tmp_path, pretrained):
@@ -96,11 +138,11 @@ def test_missing_or_mismatched_pretrain_checkpoint_stops_before_training(tiny_co
         build(compose_train(["experiment=finetune", f"model.init_from={tmp_path / 'nope.ckpt'}", *base]))
     assert "does not exist" in str(err.value) and "nope.ckpt" in str(err.value)
     with pytest.raises(Exception) as err:
-        build(compose_train(["experiment=finetune", f"model.init_from={pretrained}", *base, "model.net.base_channels=8"]))
+        build(compose_train(["experiment=finetune", f"model.init_from={pretrained}", *base,
+                             "model.net.base_channels=8"]))
     assert "does not fit this network" in str(err.value)
-    with pytest.raises(Exception) as err:  # no pretrain run below paths.log_dir
-        compose_train(["experiment=finetune", *base]).model.init_from  # noqa: B018
-    assert "no pretrain checkpoint found" in str(err.value)
+    with pytest.raises(CtpmError, match=r"experiment=finetune starts from a pretrained model: give model.init_from="):
+        build(compose_train(["experiment=finetune", *base]))
 
 
 def test_crafted_pickle_is_refused(tmp_path):
@@ -137,7 +179,8 @@ def _weights(model) -> dict[str, torch.Tensor]:
 def test_deterministic_and_exact_resume_after_a_kill(tiny_cohort, tiny_cache, tmp_path):
     def cfg_for(out: Path, extra=()):
         return compose_train(["experiment=pretrain", *tiny_overrides(tiny_cohort, tiny_cache, out),
-                              "trainer.deterministic=true", "epochs.pretrain=2", "predict=false", "test=false", *extra])
+                              "trainer.deterministic=true", "trainer.max_epochs=2", "predict=false", "test=false",
+                              *extra])
 
     # two uninterrupted runs: identical metrics and weights (CPU, deterministic)
     runs = []
@@ -189,13 +232,18 @@ def test_wandb_runs_offline(tiny_cohort, tiny_cache, tmp_path, monkeypatch):
     assert list(tmp_path.glob("wandb/offline-run-*"))
 
 
+def _without_output_dir(overrides: list[str]) -> list[str]:
+    """A multirun's jobs each get their own folder (hydra.sweep.dir/subdir)."""
+    return [o for o in overrides if not o.startswith("paths.output_dir")]
+
+
 def test_fold_multirun_keeps_the_good_folds_when_one_fails(tiny_cohort, own_cache, tmp_path, pretrained):
     """Two folds and a third job with an impossible fold: the two write their predictions, the
     failing one is reported, and the exit status says a job failed."""
     sweep = tmp_path / "sweep"
     res = run_cli("ctpm-train", "-m", "experiment=finetune", "data.n_folds=2", "data.fold=0,1,7",
                   f"model.init_from={pretrained}", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${data.fold}",
-                  *[o for o in tiny_overrides(tiny_cohort, own_cache, tmp_path) if not o.startswith("paths.output_dir")])
+                  *_without_output_dir(tiny_overrides(tiny_cohort, own_cache, tmp_path)))
     assert res.returncode != 0
     assert "data.fold=7 is outside 0..1" in res.stderr
     preds = [p.name for k in (0, 1) for p in (sweep / str(k) / "predictions").glob("*.nii.gz")]
@@ -212,13 +260,21 @@ def test_optuna_sweep_returns_best_validation_r(tiny_cohort, tiny_cache, tmp_pat
     sweep = tmp_path / "sweep"
     res = run_cli("ctpm-train", "-m", "experiment=pretrain", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
                   f"hydra.sweep.dir={sweep}",
-                  *[o for o in tiny_overrides(tiny_cohort, tiny_cache, tmp_path) if not o.startswith("paths.output_dir")])
+                  *_without_output_dir(tiny_overrides(tiny_cohort, tiny_cache, tmp_path)))
     assert res.returncode == 0, res.stderr[-2000:]
     best = OmegaConf.load(sweep / "optimization_results.yaml")
     assert best.n_complete == 2 and -1.0 <= best.best_value <= 1.0
     assert "model.optimizer.lr" in best.best_params
+    # the best trial's run folder and final checkpoint are recorded: a fine-tune starts from them
+    job = json.loads((sweep / best.best_run_dir / "job.json").read_text())
+    assert job["metrics"]["val/spearman_r"] == pytest.approx(best.best_value)
+    assert (sweep / best.best_checkpoint) == sweep / best.best_run_dir / "checkpoints" / "last.ckpt"
+    assert resolve_checkpoint(sweep) == sweep / best.best_checkpoint
 
 
-def test_slurm_launcher_config_is_valid_yaml():
-    cfg = OmegaConf.load(CONF / "hydra" / "launcher" / "submitit_slurm.yaml")
-    assert "timeout_min" in cfg and "gpus_per_node" in cfg
+def test_slurm_launcher_composes_with_the_submitit_plugin():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install 'ctpm[slurm]'")
+    cfg = compose("train", ["hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=2"],
+                  return_hydra_config=True)
+    assert cfg.hydra.launcher.gpus_per_node == 2 and cfg.hydra.launcher.timeout_min == 720
+

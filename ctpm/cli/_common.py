@@ -7,13 +7,14 @@ import logging
 import os
 import sys
 import warnings
-from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+from ctpm.conf import conf_dir
 from ctpm.errors import CtpmError, CtpmWarning
 
-# conf/ sits at the top of the repository (design card), beside the package.
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# conf/ of the repository, installed as the package ctpm.conf (a wheel carries it too)
+CONF_DIR = conf_dir()
 
 log = logging.getLogger("ctpm")
 

@@ -18,7 +18,10 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from ctpm.data.cache import config_hash
+from ctpm.data.transforms import PreprocessConfig
 from ctpm.errors import CtpmError
+from ctpm.provenance import relative_to, resolve_checkpoint, write_provenance
 
 log = logging.getLogger("ctpm.train")
 
@@ -42,23 +45,36 @@ def instantiate_list(cfg: DictConfig | None) -> list[Any]:
     return out
 
 
+def starting_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint file model.init_from names (a file, a pretrain run folder or a sweep folder,
+    see ctpm.provenance.resolve_checkpoint), or None for a run from scratch."""
+    if OmegaConf.is_missing(cfg.model, "init_from"):
+        raise CtpmError(f"experiment={cfg.get('stage')} starts from a pretrained model: give "
+                        "model.init_from=<a checkpoint file, a pretrain run folder or an Optuna sweep folder>")
+    spec = cfg.model.init_from
+    return str(resolve_checkpoint(spec)) if spec else None
+
+
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Datamodule, model, callbacks, loggers and trainer of a job config (seeded first: the
     network's initial weights depend on it)."""
+    init_from = starting_checkpoint(cfg)
     pl.seed_everything(int(cfg.seed), workers=True)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="object")
     # as JSON text: instantiate() would otherwise build the network config it is handed
     net_config = json.dumps(OmegaConf.to_container(cfg.model.net, resolve=True))
     preprocessing = json.dumps(OmegaConf.to_container(cfg.data.preprocessing, resolve=True))
-    model = hydra.utils.instantiate(cfg.model, net_config=net_config, preprocessing=preprocessing)
+    model = hydra.utils.instantiate(cfg.model, init_from=init_from, net_config=net_config, preprocessing=preprocessing)
     callbacks = instantiate_list(cfg.get("callbacks"))
     loggers = instantiate_list(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return {"datamodule": datamodule, "model": model, "callbacks": callbacks, "loggers": loggers, "trainer": trainer}
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, test and predict one job; returns its metrics (val/* and test/*)."""
+def train(cfg: DictConfig, command: str | None = None) -> dict[str, float]:
+    """Fit, test and predict one job; returns its metrics (val/* and test/*). The run folder
+    (paths.output_dir) gets job.json (metrics, split) and, last, provenance.json (the final
+    checkpoint, the starting one, the preprocessing and its cache hash, the manifest, `command`)."""
     objects: dict[str, Any] = {}
     try:
         objects = build(cfg)
@@ -74,17 +90,44 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if dm.test_set is not None:
                 trainer.test(model, datamodule=dm, verbose=False)
                 metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+        predicted = False
         if cfg.get("predict", True):
             dm.setup("predict")
             if dm.test_set is not None:
                 trainer.predict(model, datamodule=dm, return_predictions=False)
+                predicted = True
         out = Path(cfg.paths.output_dir)
-        summary = {"stage": cfg.get("stage"), "fold": cfg.data.get("fold") if cfg.data.get("mode") == "fold" else None,
-                   "metrics": metrics, "split": dm.split}
+        fold = cfg.data.get("fold") if cfg.data.get("mode") == "fold" else None
+        summary = {"stage": cfg.get("stage"), "fold": fold, "metrics": metrics, "split": dm.split}
         (out / "job.json").write_text(json.dumps(summary, indent=1))
+        write_provenance(out, run_record(cfg, trainer, fold=fold, predicted=predicted, command=command))
         return metrics
     finally:
         _close_loggers(objects.get("loggers", []))
+
+
+def run_record(cfg: DictConfig, trainer: pl.Trainer, *, fold: int | None, predicted: bool,
+               command: str | None) -> dict[str, Any]:
+    """The provenance record of a finished training run (see ctpm.provenance)."""
+    out = Path(cfg.paths.output_dir)
+    ckpt_cb = trainer.checkpoint_callback
+    last = getattr(ckpt_cb, "last_model_path", "") or None
+    if last is not None and not Path(last).is_file():
+        last = None
+    prep = OmegaConf.to_container(cfg.data.preprocessing, resolve=True)
+    return {
+        "stage": cfg.get("stage"),
+        "fold": fold,
+        "checkpoint": relative_to(out, last),
+        "init_from": str(Path(init).absolute()) if (init := starting_checkpoint(cfg)) else None,
+        "preprocessing": prep,
+        "cache_hash": config_hash(PreprocessConfig.from_any(prep)),
+        "spacing": prep.get("spacing"),
+        "manifest": str(cfg.data.manifest),
+        "cache": str(cfg.data.cache_dir),
+        "predictions": "predictions" if predicted else None,
+        "command": command,
+    }
 
 
 def _close_loggers(loggers: list[Any]) -> None:
@@ -96,19 +139,3 @@ def _close_loggers(loggers: list[Any]) -> None:
                 wandb.finish()
             except Exception:  # noqa: BLE001 - closing must not mask the job's own error
                 log.warning("wandb.finish() failed", exc_info=True)
-
-
-def latest_checkpoint(root: str) -> str:
-    """Resolver ${ctpm.latest_ckpt:DIR}: the newest last.ckpt below DIR (the latest pretrain run)."""
-    cands = sorted(Path(root).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not cands:
-        raise CtpmError(
-            f"no pretrain checkpoint found below {root}; run `ctpm-train experiment=pretrain` first "
-            "or give model.init_from=PATH"
-        )
-    return str(cands[-1])
-
-
-def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("ctpm.latest_ckpt"):
-        OmegaConf.register_new_resolver("ctpm.latest_ckpt", latest_checkpoint)

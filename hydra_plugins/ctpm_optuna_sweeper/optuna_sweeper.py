@@ -8,14 +8,16 @@ Search space in Hydra's sweep syntax, under hydra.sweeper.params:
 Every trial is one job of the configured launcher (basic, or SLURM via submitit); the job's return
 value (ctpm-train returns `optimized_metric`) is what Optuna optimises. A failed job is told to
 Optuna as a failed trial and the sweep goes on. The best trial is written to
-<sweep dir>/optimization_results.yaml.
+<sweep dir>/optimization_results.yaml: its parameters and value, its run folder (`best_run_dir`)
+and the final checkpoint that run's provenance.json records (`best_checkpoint`), so that
+`ctpm-train experiment=finetune model.init_from=<sweep dir>` starts from the best trial.
 """
 
 
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -24,6 +26,8 @@ from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
+
+from ctpm.provenance import SWEEP_RESULTS, read_provenance, relative_to, resolve_in
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +38,11 @@ class CtpmOptunaSweeperConf:
     direction: str = "maximize"
     n_trials: int = 20
     n_jobs: int = 1  # trials launched together (parallel with a parallel launcher)
-    seed: Optional[int] = None
+    seed: int | None = None
     sampler: str = "tpe"  # tpe | random
-    study_name: Optional[str] = None
-    storage: Optional[str] = None  # e.g. sqlite:///optuna.db to resume a study
-    params: Dict[str, str] = field(default_factory=dict)
+    study_name: str | None = None
+    storage: str | None = None  # e.g. sqlite:///optuna.db to resume a study
+    params: dict[str, str] = field(default_factory=dict)
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="ctpm_optuna", node=CtpmOptunaSweeperConf, provider="ctpm")
@@ -60,9 +64,18 @@ def suggest(trial, name: str, override: Override) -> Any:
     raise ValueError(f"{name}: not a sweep ({override.input_line})")
 
 
+def _final_checkpoint(run_dir: str | None) -> str | None:
+    """The final checkpoint a trial's run folder records in its provenance.json (None without one)."""
+    if run_dir is None:
+        return None
+    record = read_provenance(run_dir)
+    ckpt = resolve_in(run_dir, record.get("checkpoint")) if record else None
+    return str(ckpt) if ckpt is not None else None
+
+
 class CtpmOptunaSweeper(Sweeper):
-    def __init__(self, direction: str, n_trials: int, n_jobs: int, seed: Optional[int], sampler: str,
-                 study_name: Optional[str], storage: Optional[str], params: Dict[str, str]):
+    def __init__(self, direction: str, n_trials: int, n_jobs: int, seed: int | None, sampler: str,
+                 study_name: str | None, storage: str | None, params: dict[str, str]):
         self.direction, self.n_trials, self.n_jobs = direction, int(n_trials), max(1, int(n_jobs))
         self.seed, self.sampler_name, self.study_name, self.storage = seed, sampler, study_name, storage
         self.params = dict(params or {})
@@ -74,14 +87,15 @@ class CtpmOptunaSweeper(Sweeper):
         )
         self.sweep_dir = config.hydra.sweep.dir
 
-    def sweep(self, arguments: List[str]) -> None:
+    def sweep(self, arguments: list[str]) -> None:
         import optuna
 
         parser = OverridesParser.create()
         given = parser.parse_overrides(arguments)
         fixed = [o.input_line for o in given if not o.is_sweep_override()]
         space = {o.get_key_element(): o for o in given if o.is_sweep_override()}
-        space.update({o.get_key_element(): o for o in parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()])})
+        searched = parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()])
+        space.update({o.get_key_element(): o for o in searched})
         if not space:
             raise ValueError("hydra.sweeper.params is empty: nothing to search")
         sampler = (optuna.samplers.RandomSampler(seed=self.seed) if self.sampler_name == "random"
@@ -89,6 +103,7 @@ class CtpmOptunaSweeper(Sweeper):
         study = optuna.create_study(direction=self.direction, sampler=sampler, study_name=self.study_name,
                                     storage=self.storage, load_if_exists=self.storage is not None)
         log.info("Optuna study: %d trials, %s, space %s", self.n_trials, self.direction, sorted(space))
+        run_dirs: dict[int, str] = {}
         done = 0
         while done < self.n_trials:
             trials = [study.ask() for _ in range(min(self.n_jobs, self.n_trials - done))]
@@ -102,13 +117,20 @@ class CtpmOptunaSweeper(Sweeper):
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     continue
                 study.tell(trial, value)
+                if ret.hydra_cfg is not None:
+                    run_dirs[trial.number] = str(ret.hydra_cfg.hydra.runtime.output_dir)
             done += len(trials)
         complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if not complete:
             raise RuntimeError("no trial of the sweep completed")
         best = study.best_trial
+        sweep_dir = Path(self.sweep_dir)
+        run_dir = run_dirs.get(best.number)
         results_cfg = OmegaConf.create({"name": "optuna", "best_params": best.params, "best_value": best.value,
-                                        "n_complete": len(complete), "n_trials": len(study.trials)})
-        Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(results_cfg, Path(self.sweep_dir) / "optimization_results.yaml")
+                                        "best_trial": best.number, "n_complete": len(complete),
+                                        "n_trials": len(study.trials),
+                                        "best_run_dir": relative_to(sweep_dir, run_dir),
+                                        "best_checkpoint": relative_to(sweep_dir, _final_checkpoint(run_dir))})
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(results_cfg, sweep_dir / SWEEP_RESULTS)
         log.info("best trial %d: %s = %.4f", best.number, best.params, best.value)
