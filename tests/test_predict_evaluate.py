@@ -310,3 +310,20 @@ def test_training_writer_and_predictor_write_the_same_map(tiny_cohort, tiny_cach
     assert (a > 0).sum() > 1000
     np.testing.assert_allclose(a, pred.perfusion, atol=1e-5)
     np.testing.assert_allclose(nib.load(str(written)).affine, pred.affine, atol=1e-6)
+
+
+def test_prediction_folders_name_their_preprocessing(tiny_cache, tmp_path):
+    """provenance.json beside the training's predictions: the cache hash that ctpm-evaluate cache=
+    picks the records by."""
+    from types import SimpleNamespace
+
+    from ctpm.cli.evaluate import _provenance_hashes
+    from ctpm.lightning.callbacks import PerfusionWriter
+
+    cache = PreprocessCache(tiny_cache, TINY_PREPROCESSING)
+    writer = PerfusionWriter(str(tmp_path / "pred"))
+    writer.written = ["x"]
+    writer.on_predict_end(SimpleNamespace(datamodule=SimpleNamespace(cache=cache), ckpt_path="last.ckpt"), None)
+    info = json.loads((tmp_path / "pred" / "provenance.json").read_text())
+    assert info["preprocessing_hash"] == cache.key and info["checkpoints"] == ["last.ckpt"]
+    assert _provenance_hashes([str(tmp_path / "pred"), str(tmp_path / "none")]) == [cache.key]
