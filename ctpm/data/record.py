@@ -220,11 +220,11 @@ class PatientRecord:
     grid_ct: np.ndarray  # HU
     grid_mask: np.ndarray  # uint8
     grid_lungs: np.ndarray  # uint8, 1 right, 2 left
-    grid_spect: np.ndarray | None = None
-    grid_lobes: np.ndarray | None = None
-    grid_truth: np.ndarray | None = None
     # the CT as read
-    ct_grid: Grid = field(default_factory=lambda: Grid(np.eye(4), (1, 1, 1)))
+    ct_grid: Grid
+    grid_spect: np.ndarray | None = None  # standardised
+    grid_lobes: np.ndarray | None = None  # uint8, lobe labels 1..5 (nearest)
+    grid_truth: np.ndarray | None = None  # synthetic truth perfusion (linear)
     ct_lungs_array: np.ndarray | None = field(default=None, repr=False)  # in memory; else read from `path`
     ct_mask_array: np.ndarray | None = field(default=None, repr=False)
     spect_percentile: float | None = None
