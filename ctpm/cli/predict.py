@@ -29,8 +29,7 @@ def _patients(cfg: DictConfig) -> list[dict]:
 
 
 def run(cfg: DictConfig) -> list[dict]:
-    from tqdm.auto import tqdm
-
+    from ctpm.batch import run_batch
     from ctpm.lightning.predictor import Predictor, write_prediction
 
     out = Path(cfg.out)
@@ -42,31 +41,32 @@ def run(cfg: DictConfig) -> list[dict]:
     ckpts = cfg.ckpt if OmegaConf.is_list(cfg.ckpt) else [cfg.ckpt]
     predictor = Predictor([str(c) for c in ckpts], device=cfg.device, flip_tta=bool(cfg.flip_tta),
                           threshold=float(cfg.threshold), preprocessing=OmegaConf.to_container(cfg.preprocessing))
-    rows, failed = [], []
-    for p in tqdm(patients, desc="ctpm-predict", unit="patient", disable=not cfg.progress or len(patients) < 2):
-        try:
-            pred = predictor.predict(p)
-        except CtpmError as err:
-            if len(patients) == 1:
-                raise
-            failed.append(str(err.with_context(patient=p["patient_id"])))
-            continue
+
+    def one(p: dict) -> dict:
+        pred = predictor.predict(p)
         write_prediction(pred, out)
         if cfg.dicom:
             from ctpm.data.dicom_export import write_prediction_dicom
 
             write_prediction_dicom(p["ct"], pred.perfusion, pred.functional, pred.affine, out, pred.patient_id)
         inside = pred.functional > 0
-        rows.append({"patient_id": pred.patient_id, **{k: round(v, 2) for k, v in pred.volumes_ml().items()},
-                     "mean_perfusion": round(float(pred.perfusion[inside].mean()) if inside.any() else 0.0, 4)})
+        return {"patient_id": pred.patient_id, **{k: round(v, 2) for k, v in pred.volumes_ml().items()},
+                "mean_perfusion": round(float(pred.perfusion[inside].mean()) if inside.any() else 0.0, 4)}
+
+    result = run_batch(one, patients, progress=bool(cfg.progress) and len(patients) > 1, desc="ctpm-predict")
+    if len(patients) == 1:
+        result.raise_if_failed("predicted")
+    rows = list(result.ok.values())
     if rows:
+        from ctpm.lightning.callbacks import write_provenance
+
+        write_provenance(out, predictor.cfg, checkpoints=[str(c) for c in ckpts])
         with (out / "predictions.csv").open("w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
     print(f"ctpm-predict: {len(rows)} patient(s) with {len(ckpts)} model(s) on {predictor.device} -> {out}")
-    if failed:
-        raise CtpmError(f"{len(failed)} of {len(patients)} patients could not be predicted:\n  " + "\n  ".join(failed))
+    result.raise_if_failed("predicted")
     return rows
 
 

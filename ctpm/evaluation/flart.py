@@ -34,6 +34,7 @@ from ctpm.data.io import Volume, load_image
 from ctpm.data.lungs import LEFT, RIGHT
 from ctpm.data.manifest import Manifest
 from ctpm.data.transforms import standardise_spect
+from ctpm.batch import BatchResult, Failure
 from ctpm.errors import CtpmError, warn
 from ctpm.evaluation.evaluate import find_predictions
 from ctpm.evaluation.report import _write_atomic, json_safe
@@ -411,7 +412,7 @@ def flart_cohort(manifest: Manifest, predictions: Any, *, lungs: str | Path | No
         warn(f"{len(missing)} patient(s) with a dose have no CT-based prediction and are left out: "
              f"{', '.join(missing)}")
     rows: list[dict[str, Any]] = []
-    failed: list[str] = []
+    failed: list[Failure] = []
     without_spect: list[str] = []
     todo = [p for p in with_dose if p.patient_id in found]
     for p in tqdm(todo, desc="ctpm-flart", unit="patient", disable=not progress or len(todo) < 2):
@@ -433,7 +434,7 @@ def flart_cohort(manifest: Manifest, predictions: Any, *, lungs: str | Path | No
             else:
                 without_spect.append(pid)
         except CtpmError as err:
-            failed.append(str(err.with_context(patient=pid)))
+            failed.append(Failure.from_error(err, pid))
             continue
         base = {"patient_id": pid, "cohort": p.cohort, "institution": p.institution,
                 "lungs_from": regions.source, "dose_coverage": coverage}
@@ -443,8 +444,8 @@ def flart_cohort(manifest: Manifest, predictions: Any, *, lungs: str | Path | No
             weighted = [k for k in by_source["ct"] if k.startswith("f")]
             rows.append({**base, "source": DIFFERENCE,
                          **{k: by_source["spect"][k] - by_source["ct"][k] for k in weighted}})
-    if failed:
-        raise CtpmError(f"{len(failed)} of {len(todo)} patients could not be evaluated:\n  " + "\n  ".join(failed))
+    gone = {f.patient for f in failed}
+    BatchResult(ok={p.patient_id: None for p in todo if p.patient_id not in gone}, failed=failed).raise_if_failed("evaluated")
     if without_spect:
         warn(f"{len(without_spect)} patient(s) have no SPECT; CT-based metrics only: {', '.join(without_spect)}")
     summary = summarise(rows, s.thresholds_gy)
