@@ -6,6 +6,7 @@ Layout under the cache folder (``ctpm-preprocess out=DIR``)::
     DIR/<patient>/<config-hash>/          one entry per preprocessing config
         ct.npy spect.npy lung.npy mask.npy   (sides, D, H, W), memory-mapped on load
         grid_lungs.npz                       lung labels on the evaluation grid (for the inverse)
+        registration.json registration_qa.png   with register_spect: the SPECT-to-CT transform, QA overlay
         meta.json                            geometry, transform history, checksums
     DIR/<config-hash>.json                the config behind a hash, for people
 
@@ -133,6 +134,11 @@ class PreprocessCache:
             for name, arr in arrays.items():
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
             np.savez_compressed(tmp / "grid_lungs.npz", labels=pre.grid_lungs.astype(np.uint8))
+            if pre.registration is not None:  # register_spect: the transform and its QA overlay
+                from ctpm.data.registration import write_qa_png, write_registration_json
+
+                write_registration_json(pre.registration, tmp / "registration.json", patient=pre.patient_id)
+                write_qa_png(pre.registration, tmp / "registration_qa.png", patient=pre.patient_id)
             for f in sorted(tmp.iterdir()):
                 files[f.name] = {"bytes": f.stat().st_size, "crc32": _crc(f)}
             meta = {

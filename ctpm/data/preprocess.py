@@ -53,6 +53,7 @@ class Preprocessed:
     ct_lungs: np.ndarray | None = None  # the lung labels used, on the original CT grid (QA)
     ct_eval_mask: np.ndarray | None = None  # evaluation mask on the original CT grid (keep_grid)
     dicom: dict[str, Any] = field(default_factory=dict)
+    registration: Any = None  # ctpm.data.registration.Registration with register_spect on
 
 
 def patient_inputs(patient: Patient | dict, *, with_spect: bool = True) -> dict[str, Any]:
@@ -115,6 +116,7 @@ def preprocess_patient(patient: Patient | dict, cfg: PreprocessConfig | dict | N
         ct_eval_mask=(labels_to_ct(evaluation_mask(native_ct, native_labels, cfg.eval_hu_range).astype(np.uint8),
                                    native_affine, original[1], original[0]) if keep_grid else None),
         dicom=d.get("dicom_ct", {}),
+        registration=d.get("registration"),
     )
 
 
