@@ -253,3 +253,22 @@ def test_misaligned_cohort_regains_the_roundtrip(tiny_cohort, tmp_path):
     r_raw = float(spearman_r(unregistered.grid_spect[m], aligned.grid_spect[m]))
     assert r_reg > 0.95 and r_reg > r_raw + 0.05, (r_reg, r_raw)
     shutil.rmtree(tmp_path / "aligned")
+
+
+def test_config_option_and_cache_key():
+    """register_spect: none keeps the hash of caches built before the option existed; rigid has
+    another; an unknown value is an error."""
+    from ctpm.data.cache import config_hash
+    from ctpm.data.transforms import PreprocessConfig, grid_stage
+
+    none = PreprocessConfig.from_any({"register_spect": "none"})
+    assert "register_spect" not in none.to_dict()
+    assert config_hash(none) == config_hash(PreprocessConfig())
+    rigid = PreprocessConfig.from_any({"register_spect": "rigid", "registration": {"max_rotation_deg": 5}})
+    assert config_hash(rigid) != config_hash(none)
+    assert any(isinstance(t, RegisterSpectd) for t in grid_stage(rigid, with_spect=True).transforms)
+    assert not any(isinstance(t, RegisterSpectd) for t in grid_stage(rigid, with_spect=False).transforms)
+    with pytest.raises(CtpmError, match="register_spect must be one of none, rigid, affine"):
+        grid_stage(PreprocessConfig(register_spect="elastic"), with_spect=True)
+    with pytest.raises(CtpmError, match="unknown registration option"):
+        grid_stage(PreprocessConfig(register_spect="rigid", registration={"max_shift": 3}), with_spect=True)
