@@ -20,6 +20,7 @@ from ctpm.data.registration import (
     register_spect,
     rigid_matrix,
     rotation_angle_deg,
+    rotation_part,
     to_sitk,
     transform_to_matrix,
     write_qa_png,
@@ -150,7 +151,10 @@ def test_affine_recovers_a_rigid_motion(phantom):
     moved = Grid(applied @ p["spect_grid"].affine, p["spect_grid"].shape)
     reg = register_spect(p["ct"], p["ct_grid"], p["spect"], moved, p["lungs"], kind="affine")
     shift, _ = _errors(reg.matrix, applied, p["centre"])
-    assert shift < 2.0 and np.all(np.abs(reg.scale - 1.0) < 0.03), (shift, reg.scale)
+    rotation = rotation_part(reg.matrix[:3, :3])[0]  # an affine's linear part is no rotation: its polar factor
+    angle = rotation_angle_deg(rotation.T @ applied[:3, :3])
+    assert shift < 2.0 and angle < 1.0 and np.all(np.abs(reg.scale - 1.0) < 0.03), (shift, angle, reg.scale)
+    assert reg.kind == "affine" and reg.rotation_angle_deg == pytest.approx(rotation_angle_deg(rotation))
 
 
 def test_beyond_the_limits_is_one_clean_error(phantom):

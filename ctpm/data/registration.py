@@ -274,6 +274,29 @@ def _mutual_information(st, fixed, moving, fixed_mask, transform) -> float:
     return -float(reg.MetricEvaluate(fixed, moving))
 
 
+def _optimise(st: RegistrationSettings, fixed, moving, fixed_mask, tx, *, patient=None, path=None) -> tuple[int, str]:
+    """Optimise ``tx`` in place over the multi-resolution pyramid; (iterations, stop condition)."""
+    import SimpleITK as sitk
+
+    reg = _method(st, fixed_mask, sample=True)
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=float(st.learning_rate), minStep=float(st.min_step), numberOfIterations=int(st.iterations),
+        relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([int(f) for f in st.shrink_factors])
+    reg.SetSmoothingSigmasPerLevel([float(s) for s in st.smoothing_sigmas_mm])
+    reg.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(True)
+    reg.SetInitialTransform(tx, inPlace=True)
+    iterations = [0]
+    reg.AddCommand(sitk.sitkIterationEvent, lambda: iterations.__setitem__(0, iterations[0] + 1))
+    try:
+        reg.Execute(fixed, moving)
+    except RuntimeError as exc:  # ITK: e.g. all samples mapped outside the SPECT
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise CtpmError(f"registration of the SPECT to the CT failed ({first})", patient=patient, path=path) from None
+    return iterations[0], reg.GetOptimizerStopConditionDescription()
+
+
 def register_spect(ct_hu: np.ndarray, ct_grid: Grid, spect: np.ndarray, spect_grid: Grid,
                    mask: np.ndarray | None = None, *, kind: str = "rigid",
                    settings: RegistrationSettings | Mapping | None = None,
@@ -303,34 +326,23 @@ def register_spect(ct_hu: np.ndarray, ct_grid: Grid, spect: np.ndarray, spect_gr
 
     center = ct_grid.world(np.argwhere(mask)).mean(0)  # the lungs' centroid, RAS
     center_lps = (LPS_TO_RAS[:3, :3] @ center).tolist()
-    tx = sitk.Euler3DTransform() if kind == "rigid" else sitk.AffineTransform(3)
+    tx = sitk.Euler3DTransform()
     tx.SetCenter(center_lps)
-
-    reg = _method(st, fixed_mask, sample=True)
-    reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=float(st.learning_rate), minStep=float(st.min_step), numberOfIterations=int(st.iterations),
-        relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([int(f) for f in st.shrink_factors])
-    reg.SetSmoothingSigmasPerLevel([float(s) for s in st.smoothing_sigmas_mm])
-    reg.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(True)
-    reg.SetInitialTransform(tx, inPlace=True)
-    iterations = [0]
-    reg.AddCommand(sitk.sitkIterationEvent, lambda: iterations.__setitem__(0, iterations[0] + 1))
-
-    identity = sitk.Euler3DTransform()
-    identity.SetCenter(center_lps)
+    identity = sitk.Euler3DTransform(tx)
     before = _mutual_information(st, fixed, moving, fixed_mask, identity)
-    try:
-        reg.Execute(fixed, moving)
-    except RuntimeError as exc:  # ITK: e.g. all samples mapped outside the SPECT
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise CtpmError(f"registration of the SPECT to the CT failed ({first})", patient=patient, path=path) from None
+    iterations, stop = _optimise(st, fixed, moving, fixed_mask, tx, patient=patient, path=path)
+    if kind == "affine":  # from the rigid result: the extra degrees of freedom only refine it
+        rigid = tx
+        tx = sitk.AffineTransform(3)
+        tx.SetCenter(center_lps)
+        tx.SetMatrix(rigid.GetMatrix())
+        tx.SetTranslation(rigid.GetTranslation())
+        more, stop = _optimise(st, fixed, moving, fixed_mask, tx, patient=patient, path=path)
+        iterations += more
     after = _mutual_information(st, fixed, moving, fixed_mask, tx)
     result = Registration.from_matrix(
         transform_to_matrix(tx), center, kind=kind, metric_before=before, metric_after=after,
-        iterations=iterations[0], seconds=time.perf_counter() - start,
-        stop_condition=reg.GetOptimizerStopConditionDescription(), settings=st.to_dict())
+        iterations=iterations, seconds=time.perf_counter() - start, stop_condition=stop, settings=st.to_dict())
     check_limits(result, st, patient=patient, path=path)
     return result
 
