@@ -324,7 +324,7 @@ def register_spect(ct_hu: np.ndarray, ct_grid: Grid, spect: np.ndarray, spect_gr
         raise CtpmError("registration: the SPECT has no counts", patient=patient, path=path)
     moving = to_sitk(np.clip(counts, 0.0, top), spect_grid)  # one hot voxel must not take the histogram
 
-    center = ct_grid.world(np.argwhere(mask)).mean(0)  # the lungs' centroid, RAS
+    center = ct_grid.world(centroid_index(mask)[None])[0]  # the lungs' centroid, RAS
     center_lps = (LPS_TO_RAS[:3, :3] @ center).tolist()
     tx = sitk.Euler3DTransform()
     tx.SetCenter(center_lps)
@@ -374,12 +374,20 @@ def check_limits(reg: Registration, settings: RegistrationSettings | Mapping | N
 # --------------------------------------------------------------------------------------------------
 
 
+def centroid_index(mask: np.ndarray) -> np.ndarray:
+    """Mean voxel index of a mask (from its three projections: no (N, 3) index list)."""
+    mask = np.asarray(mask, bool)
+    n = mask.sum()
+    return np.array([(mask.sum(axis=tuple(a for a in range(3) if a != ax)) * np.arange(mask.shape[ax])).sum() / n
+                     for ax in range(3)], np.float64)
+
+
 def qa_slices(ct_hu: np.ndarray, ct_grid: Grid, lungs: np.ndarray, spect: np.ndarray, spect_grid: Grid,
               registered_affine: np.ndarray) -> dict:
     """Central axial and coronal slices (through the lungs' centroid) of the CT, the lungs and the
     SPECT before and after registration, all on the CT grid; only those two slices are resampled."""
     ct_grid, spect_grid = Grid.of(ct_grid), Grid.of(spect_grid)
-    centre = np.rint(np.argwhere(lungs).mean(0)).astype(int)
+    centre = np.rint(centroid_index(lungs)).astype(int)
     out: dict[str, Any] = {"spacing": ct_grid.spacing.tolist()}
     for name, axis in (("axial", 2), ("coronal", 1)):
         lo, hi = np.zeros(3, int), np.asarray(ct_grid.shape)
