@@ -6,7 +6,7 @@ working spacing near the SPECT's resolution; restricted to the lungs and a margi
 fixed-image mask. Moving image: the SPECT as read. Metric: Mattes mutual information; optimiser:
 regular-step gradient descent with scales from physical shifts, over a multi-resolution pyramid.
 Initial transform: identity in world coordinates (the frames of reference of a hybrid SPECT/CT
-agree), centre of rotation at the lungs' centroid.
+agree), centre of rotation at the lungs' centroid; an affine registration refines the rigid one.
 
 The transform found maps a CT world point to the SPECT world point that shows the same anatomy
 (fixed -> moving, as ITK's transforms run). ``RegisterSpectd`` applies it to the SPECT's *affine*
