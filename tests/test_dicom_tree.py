@@ -4,6 +4,7 @@ thicker second CT, junk) into the expected manifest and skip table; the real CT 
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -12,7 +13,8 @@ import pydicom
 import pytest
 
 from ctpm.data.dicom_export import Roi, load_dicom_ct, write_rtstruct
-from ctpm.data.dicom_tree import LOBE_LABELS, PatientIds, build_plan, rasterise_contours, structure_masks
+from ctpm.data.dicom_tree import (LOBE_LABELS, PatientIds, build_plan, ct_geometry, lung_labels, rasterise_contours,
+                                  structure_masks)
 from ctpm.data.io import load_image
 from ctpm.data.manifest import load_manifest
 from ctpm.errors import CtpmError
@@ -202,3 +204,55 @@ def test_bad_inputs(tmp_path):
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "does not exist" in res.stderr
     with pytest.raises(CtpmError, match="id_mapping"):
         PatientIds("mapping")
+
+
+def test_patient_id_modes(tmp_path):
+    h = PatientIds("hash", salt="a")
+    assert h("X1") == h("X1") != PatientIds("hash", salt="b")("X1") and re.fullmatch(r"P[0-9a-f]{12}", h("X1"))
+    table = tmp_path / "ids.csv"
+    table.write_text("dicom_patient_id,patient_id\nX1,site-001\n")
+    mapped = PatientIds("mapping", mapping=table)
+    assert mapped("X1") == "site-001" and mapped("X2") is None
+    table.write_text("dicom_patient_id,patient_id\nX1,../etc\n")
+    with pytest.raises(CtpmError, match="may only hold"):
+        PatientIds("mapping", mapping=table)
+    assert PatientIds("patient_id")("C3N-00249") == "C3N-00249"
+    with pytest.raises(CtpmError, match="not a safe file name"):
+        PatientIds("patient_id")("Doe^Jane")
+
+
+def test_lung_rois_without_lobes_and_partial_lobes():
+    right, left = np.zeros((6, 4, 3), bool), np.zeros((6, 4, 3), bool)
+    right[:3, 1:3, 1], left[3:, 1:3, 1] = True, True
+    lobes, lungs, note = lung_labels({"right": right, "left": left})
+    assert lobes is None and note == ""
+    np.testing.assert_array_equal(lungs, right * 1 + left * 2)
+    lobes, lungs, note = lung_labels({"LUL": left, "RUL": right})
+    assert lobes is None and lungs is None and "LLL" in note and "RML" in note
+
+
+def test_structure_set_names_matched_by_aliases(tmp_path):
+    """An RT structure set written by ctpm.data.dicom_export with TG-263 lung names and an unrelated
+    ROI: the lungs come back on the CT grid, the other ROI is ignored."""
+    from tests.data_helpers import write_ct_series
+
+    hu = np.full((12, 10, 5), -1000.0)
+    write_ct_series(tmp_path / "ct", hu, np.diag([-2.0, -2.0, 3.0, 1.0]))
+    vol = load_dicom_ct(tmp_path / "ct")
+    right, left, cord = (np.zeros(vol.shape, bool) for _ in range(3))
+    right[1:5, 2:8, 1:4], left[7:11, 2:8, 1:4], cord[5:7, 8:10, :] = True, True, True
+    rs = write_rtstruct(vol, [Roi("Lung_R", right, (0, 0, 255)), Roi("Left Lung", left, (0, 255, 0)),
+                              Roi("SpinalCord", cord, (255, 0, 0))], tmp_path / "rs.dcm")
+    geom = ct_geometry(_series_of(tmp_path / "ct"))
+    np.testing.assert_allclose(geom.affine, vol.affine, atol=1e-6)
+    masks = structure_masks(rs, geom, {"right": ["lung_r"], "left": ["left_lung"]})
+    assert set(masks) == {"right", "left"}
+    np.testing.assert_array_equal(masks["right"], right)
+    np.testing.assert_array_equal(masks["left"], left)
+
+
+def _series_of(folder):
+    from ctpm.data.dicom_tree import scan
+
+    (s,), _, _ = scan(folder)
+    return s
