@@ -256,3 +256,19 @@ def _series_of(folder):
 
     (s,), _, _ = scan(folder)
     return s
+
+
+def test_enhanced_ct_is_taken_as_its_file(tmp_path):
+    from tests.data_helpers import write_enhanced_ct
+
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, 500, size=(6, 5, 4)).astype(np.float32)
+    aff = np.array([[-0.7, 0, 0, 120.0], [0, -0.7, 0, 80.0], [0, 0, 2.5, -300.0], [0, 0, 0, 1]])
+    f = write_enhanced_ct(tmp_path / "dicom" / "enh.dcm", hu, aff, order=[2, 0, 3, 1])
+    plan = build_plan(tmp_path / "dicom", tmp_path / "manifest.csv", min_z_extent_mm=5)
+    (row,) = plan.rows
+    assert row["ct"] == "dicom/enh.dcm"
+    geom = ct_geometry(_series_of(tmp_path / "dicom"))
+    vol = load_image(f, kind="perfusion")
+    np.testing.assert_allclose(geom.affine, vol.affine, atol=1e-6)
+    assert geom.shape == vol.shape and abs(geom.extent_mm - 10.0) < 1e-6

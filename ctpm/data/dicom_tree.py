@@ -167,23 +167,63 @@ def scan(root: str | Path) -> tuple[list[Series], list[Path], list[tuple[Path, s
 
 
 def ct_geometry(s: Series) -> CtGeometry:
-    """The RAS grid of a single-frame slice series, as ``read_dicom_series`` stacks it (columns i,
-    rows j, slices k along the normal of the rows and columns), or a CtpmError why it is no volume."""
+    """The RAS grid of a CT series (single-frame slices or one Enhanced CT file), as
+    ``read_dicom_series`` stacks it (columns i, rows j, slices k along the normal of the rows and
+    columns), or a CtpmError why it is no axial volume."""
     hs = s.headers
+    if len(hs) == 1 and int(hs[0].get("NumberOfFrames", 1) or 1) > 1 and "PerFrameFunctionalGroupsSequence" in hs[0]:
+        return _enhanced_geometry(hs[0])
     if any(int(h.get("NumberOfFrames", 1) or 1) > 1 for h in hs):
-        raise CtpmError("multi-frame CT (only single-frame slice series are taken)")
+        raise CtpmError("multi-frame CT that is neither one Enhanced CT file nor single-frame slices")
     if any("ImageOrientationPatient" not in h or "ImagePositionPatient" not in h for h in hs):
         raise CtpmError("slices carry no ImagePositionPatient/ImageOrientationPatient")
     iops = np.array([[float(v) for v in h.ImageOrientationPatient] for h in hs])
     if not np.allclose(iops, iops[0], atol=1e-4):
         raise CtpmError("mixed orientations (slices of more than one orientation)")
-    row_dir, col_dir = iops[0, :3], iops[0, 3:]
+    if len({(int(h.Rows), int(h.Columns)) for h in hs}) > 1:
+        raise CtpmError("slices of different sizes")
+    spacing = {tuple(float(v) for v in h.PixelSpacing) for h in hs if "PixelSpacing" in h}
+    if len(spacing) != 1:
+        raise CtpmError("slices without PixelSpacing or of different pixel sizes")
+    pos = np.array([[float(v) for v in h.ImagePositionPatient] for h in hs])
+    return _stack(iops[0], pos, int(hs[0].Rows), int(hs[0].Columns), spacing.pop(),
+                  [str(h.get("SOPInstanceUID", "")) for h in hs], order_uids=True)
+
+
+def _frame_attr(ds, k: int, seq: str, item: str):
+    """Frame k's attribute in its per-frame functional group, else in the shared one."""
+    shared = ds.get("SharedFunctionalGroupsSequence") or [None]
+    for groups in (ds.PerFrameFunctionalGroupsSequence[k], shared[0]):
+        items = getattr(groups, seq, None) if groups is not None else None
+        if items and item in items[0]:
+            return getattr(items[0], item)
+    return None
+
+
+def _enhanced_geometry(ds) -> CtGeometry:
+    """The grid of an Enhanced CT file, as ``read_dicom_series`` stacks its frames (by position)."""
+    n = int(ds.NumberOfFrames)
+    try:
+        iops = np.array([[float(v) for v in _frame_attr(ds, k, "PlaneOrientationSequence", "ImageOrientationPatient")]
+                         for k in range(n)])
+        pos = np.array([[float(v) for v in _frame_attr(ds, k, "PlanePositionSequence", "ImagePositionPatient")]
+                        for k in range(n)])
+        dr, dc = (float(v) for v in _frame_attr(ds, 0, "PixelMeasuresSequence", "PixelSpacing"))
+    except (TypeError, ValueError, IndexError):
+        raise CtpmError("Enhanced CT lacks a frame's position, orientation or pixel spacing") from None
+    if not np.allclose(iops, iops[0], atol=1e-4):
+        raise CtpmError("mixed orientations (frames of more than one orientation)")
+    return _stack(iops[0], pos, int(ds.Rows), int(ds.Columns), (dr, dc), [str(ds.get("SOPInstanceUID", ""))])
+
+
+def _stack(iop: np.ndarray, pos: np.ndarray, rows: int, cols: int, spacing, sop_uids: list[str],
+           order_uids: bool = False) -> CtGeometry:
+    row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
     if abs(normal[2]) < 0.9:
         raise CtpmError(f"not axial (slice normal {np.round(normal, 2).tolist()})")
-    if len(hs) < 2:
+    if len(pos) < 2:
         raise CtpmError("a single slice")
-    pos = np.array([[float(v) for v in h.ImagePositionPatient] for h in hs])
     along = pos @ normal
     order = np.argsort(along, kind="stable")
     steps = np.diff(along[order])
@@ -192,17 +232,14 @@ def ct_geometry(s: Series) -> CtGeometry:
     med = float(np.median(steps))
     if np.max(np.abs(steps - med)) > 0.1 * abs(med) + 1e-3:
         raise CtpmError("slices not evenly spaced (missing slices?)")
-    if len({(int(h.Rows), int(h.Columns)) for h in hs}) > 1:
-        raise CtpmError("slices of different sizes")
-    first = hs[order[0]]
-    dr, dc = (float(v) for v in first.PixelSpacing)
+    dr, dc = spacing
     lps = np.eye(4)
     lps[:3, 0] = row_dir * dc
     lps[:3, 1] = col_dir * dr
-    lps[:3, 2] = (pos[order[-1]] - pos[order[0]]) / (len(hs) - 1)
+    lps[:3, 2] = (pos[order[-1]] - pos[order[0]]) / (len(pos) - 1)
     lps[:3, 3] = pos[order[0]]
-    return CtGeometry(shape=(int(first.Columns), int(first.Rows), len(hs)), affine=LPS_TO_RAS @ lps,
-                      sop_uids=[str(hs[i].get("SOPInstanceUID", "")) for i in order], step_mm=med,
+    return CtGeometry(shape=(cols, rows, len(pos)), affine=LPS_TO_RAS @ lps,
+                      sop_uids=[sop_uids[i] for i in order] if order_uids else sop_uids, step_mm=med,
                       extent_mm=float(along[order[-1]] - along[order[0]]) + med)
 
 
