@@ -13,8 +13,15 @@ import pydicom
 import pytest
 
 from ctpm.data.dicom_export import Roi, load_dicom_ct, write_rtstruct
-from ctpm.data.dicom_tree import (LOBE_LABELS, PatientIds, build_plan, ct_geometry, lung_labels, rasterise_contours,
-                                  structure_masks)
+from ctpm.data.dicom_tree import (
+    LOBE_LABELS,
+    PatientIds,
+    build_plan,
+    ct_geometry,
+    lung_labels,
+    rasterise_contours,
+    structure_masks,
+)
 from ctpm.data.io import load_image
 from ctpm.data.manifest import load_manifest
 from ctpm.errors import CtpmError
@@ -90,7 +97,7 @@ def export(tiny_cohort, tmp_path_factory) -> Path:
     (root / "p2" / "s1" / "ct_unused").rmdir()
     write_patient(root / "p2" / "s2", b, "SECRET-2", spect=False, rtstruct=False)
     # patient 3: a CT only, sharing its folder with a planar NM image (so its row links its files)
-    files3, _, _ = write_patient(root / "p3", c, "SECRET-3", spect=False, rtstruct=False, folder="mixed")
+    write_patient(root / "p3", c, "SECRET-3", spect=False, rtstruct=False, folder="mixed")
     planar = write_nm_multiframe(root / "p3" / "mixed" / "planar.dcm", np.ones((8, 8, 1)), np.eye(4))
     retag([planar], PatientID="SECRET-3", ImageType=["ORIGINAL", "PRIMARY", "STATIC"])
     # patient 4: two CT series of one spacing and no SPECT -> ambiguous
@@ -114,7 +121,7 @@ def built(export) -> tuple[Path, list[dict], list[dict]]:
 
 
 def test_manifest_rows_and_ids(built, export):
-    out, rows, skipped = built
+    out, rows, _ = built
     ids = PatientIds("hash", salt="s3cret")
     by = {r["patient_id"]: r for r in rows}
     assert set(by) == {ids("SECRET-1"), ids("SECRET-2"), ids("SECRET-3")}
@@ -155,7 +162,7 @@ def test_skip_table_reasons(built):
 
 
 def test_lobes_and_lungs_on_the_ct_grid(built, export):
-    out, rows, _ = built
+    out, _, _ = built
     p = load_manifest(out, require_spect=False).by_id()[PatientIds("hash", salt="s3cret")("SECRET-1")]
     ct = load_image(p.ct, kind="ct")
     lobes, lungs = nib.load(str(p.lobes)), nib.load(str(p.lung_mask))
@@ -174,7 +181,7 @@ def test_lobes_and_lungs_on_the_ct_grid(built, export):
 def test_rasterise_hand_case():
     """A square ring (outer contour and a hole) in LPS on a 1 mm grid: exactly the ring's voxels."""
     affine = np.diag([-1.0, -1.0, 2.0, 1.0])  # RAS; LPS: i -> +x, j -> +y, k -> 2 mm along z
-    square = lambda a, b, z: np.array([[a, a, z], [b, a, z], [b, b, z], [a, b, z]], float)  # noqa: E731
+    square = lambda a, b, z: np.array([[a, a, z], [b, a, z], [b, b, z], [a, b, z]], float)
     m = rasterise_contours([square(1.5, 7.5, 4.0), square(3.5, 5.5, 4.0)], affine, (10, 10, 4))
     want = np.zeros((10, 10, 4), bool)
     want[2:8, 2:8, 2] = True

@@ -31,7 +31,7 @@ ALL_GROUPS = {p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"
 def help_text(tool: str) -> str:
     if tool.startswith("python"):
         res = subprocess.run([sys.executable, "-m", "ctpm.cli.study", "--help"], capture_output=True, text=True,
-                             timeout=120)
+                             timeout=120, check=False)
     else:
         res = run_cli(tool, "--help")
     assert res.returncode == 0, res.stderr
@@ -39,7 +39,7 @@ def help_text(tool: str) -> str:
 
 
 def section(text: str, title: str) -> list[str]:
-    m = re.search(rf"^== {title}[^\n]*==\n(.*?)(?=^== |\Z)", text, re.S | re.M)
+    m = re.search(rf"^== {title}[^\n]*==\n(.*?)(?=^== |\Z)", text, re.DOTALL | re.MULTILINE)
     assert m, f"no section {title!r}"
     return [ln for ln in m.group(1).splitlines() if ln.strip() and ln.startswith(" ")]  # the footer is not indented
 

@@ -32,9 +32,10 @@ import os
 import re
 import shutil
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -499,7 +500,7 @@ def build_plan(root: str | Path, out: str | Path, *, cohort: str = "cancer", ins
                 skip(s, "no chest CT for this patient")
             continue
 
-        def partners(ct: Series) -> list[Series]:
+        def partners(ct: Series, spects=spects) -> list[Series]:
             same_frame = [s for s in spects if ct.frame and s.frame == ct.frame]
             return same_frame or [s for s in spects if s.study == ct.study]
 
