@@ -279,3 +279,19 @@ def test_enhanced_ct_is_taken_as_its_file(tmp_path):
     vol = load_image(f, kind="perfusion")
     np.testing.assert_allclose(geom.affine, vol.affine, atol=1e-6)
     assert geom.shape == vol.shape and abs(geom.extent_mm - 10.0) < 1e-6
+
+
+def test_nothing_to_write_is_one_error_and_no_files(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from ctpm.cli.manifest import run
+    from tests.conftest import CONF
+
+    scout = write_ct_series(tmp_path / "dicom", np.full((8, 8, 2), -1000.0), np.eye(4))
+    retag(scout, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    out = tmp_path / "cohort" / "manifest.csv"
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("manifest", overrides=[f"dicom={tmp_path / 'dicom'}", f"out={out}"])
+    with pytest.raises(CtpmError, match=r"no patient could be put in the manifest: scout \(LOCALIZER\) \(1\); no CT series covering"):
+        run(cfg)
+    assert not out.parent.exists()
