@@ -27,6 +27,7 @@ from ctpm.data.manifest import load_manifest
 from ctpm.errors import CtpmError
 from tests.data_helpers import reorient, write_ct_series, write_nm_multiframe
 from tests.helpers import run_cli
+from tests.test_flart import write_rtdose
 
 LOBE_ROI = {"LUL": "Lung_L_Upper", "LLL": "left lower lobe", "RUL": "RUL", "RML": "Lung_R_Middle", "RLL": "Lung_RLL"}
 
@@ -86,6 +87,12 @@ def export(tiny_cohort, tmp_path_factory) -> Path:
                   folder="ct_thick", step=2)
     scout = write_ct_series(root / "p1" / "study1" / "ct", np.full((8, 8, 2), -1000.0), np.eye(4), prefix="SC")
     retag(scout, PatientID="SECRET-1", StudyInstanceUID=study, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    for name, summation in (("plan", "PLAN"), ("beam1", "BEAM")):  # the plan dose and one beam's
+        (root / "p1" / "study1" / "dose").mkdir(parents=True, exist_ok=True)
+        rd = write_rtdose(root / "p1" / "study1" / "dose" / f"{name}.dcm", np.full((4, 6, 5), 20.0),
+                          position=(-100, -100, -150), offsets=[0, 5, 10, 15], summation=summation)
+        retag([rd], PatientID="SECRET-1", StudyInstanceUID=study, FrameOfReferenceUID=frame,
+              SeriesInstanceUID=pydicom.uid.generate_uid())
     (root / "p1" / "README.txt").write_text("exported by the PACS\n")
     (root / "p1" / "broken.dcm").write_bytes(Path(files[0]).read_bytes()[:400])
     # patient 2: study 1 CT + SPECT of another frame of reference (paired by study); study 2 a CT only
@@ -130,10 +137,14 @@ def test_manifest_rows_and_ids(built, export):
     p1, p2, p3 = by[ids("SECRET-1")], by[ids("SECRET-2")], by[ids("SECRET-3")]
     assert p1["ct"] == "../dicom/p1/study1/ct" and p1["spect"] == "../dicom/p1/study1/nm/spect.dcm"
     assert p1["lobes"] and p1["lung_mask"] and p1["institution"] == "X" and p1["cohort"] == "cancer"
+    assert p1["dose"] == "../dicom/p1/study1/dose/plan.dcm" and p2["dose"] == p3["dose"] == ""
     assert p2["ct"] == "../dicom/p2/s1/ct" and p2["spect"] == "../dicom/p2/s1/nm/spect.dcm"  # by study
     assert p3["spect"] == "" and p3["ct"] == f"series/{ids('SECRET-3')}/ct"  # links: the folder is shared
     m = load_manifest(out, require_spect=False)
     assert len(m) == 3
+    from ctpm.evaluation.flart import load_dose
+
+    assert float(load_dose(m.by_id()[ids("SECRET-1")].dose).array.mean()) == pytest.approx(20.0)
     with pytest.raises(CtpmError, match="spect"):
         load_manifest(out)  # preprocessing needs a SPECT for every row
     # the CT through the links reads as the series itself
@@ -152,6 +163,7 @@ def test_skip_table_reasons(built):
         return any(p == pid and text in r for p, r in reasons)
 
     assert has(ids("SECRET-1"), "scout (LOCALIZER)")
+    assert has(ids("SECRET-1"), "RT Dose of one beam, not the plan's")
     assert has(ids("SECRET-1"), "another CT series was chosen (thicker slices)")
     assert has("", "not a DICOM file")
     assert any(s["path"].endswith("broken.dcm") and not s["patient_id"] for s in skipped)  # truncated
@@ -295,3 +307,9 @@ def test_nothing_to_write_is_one_error_and_no_files(tmp_path):
     with pytest.raises(CtpmError, match=r"no patient could be put in the manifest: scout \(LOCALIZER\) \(1\); no CT series covering"):
         run(cfg)
     assert not out.parent.exists()
+
+
+def test_ct_only_rows_can_be_left_out(export, tmp_path):
+    plan = build_plan(export, tmp_path / "manifest.csv", ct_only_rows=False, ids=PatientIds("hash", salt="s3cret"))
+    assert len(plan.rows) == 2 and all(r["spect"] for r in plan.rows)
+    assert any("left out (ct_only_rows=false)" in s.reason for s in plan.skipped)

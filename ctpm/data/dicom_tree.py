@@ -14,6 +14,8 @@ thousands of files is indexed in seconds. Per patient:
   of reference): ROI names are matched by a configurable map of aliases; the contours are rasterised
   onto the CT grid (``<id>_lobes.nii.gz``: 1 LUL, 2 LLL, 3 RUL, 4 RML, 5 RLL; ``<id>_lung_mask.nii.gz``:
   1 right, 2 left).
+- the **plan dose**: an RT Dose (DoseSummationType not of one beam or fraction, in Gy) in the CT's
+  frame of reference, as the ``dose`` column that ``ctpm-flart`` reads.
 
 Everything not used goes to a skip table with the reason. Patient ids in the manifest are safe file
 names: a salted hash of the DICOM PatientID by default, or a mapping from a CSV; raw PatientIDs only
@@ -56,6 +58,8 @@ DEFAULT_ROI_NAMES: dict[str, list[str]] = {
     "right": ["Lung_R", "Right lung", "Lung right", "RLung", "Lung_Right"],
     "left": ["Lung_L", "Left lung", "Lung left", "LLung", "Lung_Left"],
 }
+# RT Dose summation types that are a part of the plan's dose (as ctpm.evaluation.flart refuses them)
+PARTIAL_DOSE_TYPES = ("BEAM", "FRACTION", "CONTROL_POINT", "BEAM_SESSION", "FRACTION_SESSION", "BRACHY_SESSION")
 # NM image types that are not a reconstructed 3-D SPECT
 _NM_NOT_RECON = {"STATIC", "WHOLE BODY", "DYNAMIC", "GATED"}
 SKIP_COLUMNS = ("patient_id", "modality", "series_description", "series_uid", "path", "reason")
@@ -147,7 +151,8 @@ def scan(root: str | Path) -> tuple[list[Series], list[Path], list[tuple[Path, s
                 unreadable.append((f, "no SeriesInstanceUID"))
                 continue
             modality = str(ds.get("Modality", "") or "").upper()
-            key = uid if modality != "RTSTRUCT" else f"{uid}/{ds.get('SOPInstanceUID', f)}"
+            # RT objects are one file each, several in one series (e.g. a dose per beam)
+            key = uid if modality not in ("RTSTRUCT", "RTDOSE") else f"{uid}/{ds.get('SOPInstanceUID', f)}"
             s = series.get(key)
             if s is None:
                 s = series[key] = Series(uid=uid, patient=str(ds.get("PatientID", "") or ""),
@@ -465,6 +470,7 @@ def build_plan(root: str | Path, out: str | Path, *, cohort: str = "cancer", ins
         cts: list[tuple[Series, CtGeometry]] = []
         spects: list[Series] = []
         structs: list[Series] = []
+        doses: list[Series] = []
         for s in group:
             if s.modality == "CT":
                 if "LOCALIZER" in s.image_types:
@@ -491,12 +497,21 @@ def build_plan(root: str | Path, out: str | Path, *, cohort: str = "cancer", ins
                     spects.append(s)
             elif s.modality == "RTSTRUCT":
                 structs.append(s)
+            elif s.modality == "RTDOSE":
+                h = s.headers[0]
+                summation = str(h.get("DoseSummationType", "")).upper()
+                if summation in PARTIAL_DOSE_TYPES:
+                    skip(s, f"RT Dose of one {summation.lower()}, not the plan's")
+                elif str(h.get("DoseUnits", "")).upper() != "GY":
+                    skip(s, f"RT Dose not in Gy (DoseUnits {h.get('DoseUnits', 'missing')})")
+                else:
+                    doses.append(s)
             else:
                 skip(s, f"{s.modality or 'unknown'} series: not used" if s.is_image else
                      f"not an image ({s.modality or 'unknown modality'})")
         if not cts:
             plan.skipped.append(Skip(pid, None, where, "no CT series covering the lungs"))
-            for s in spects + structs:
+            for s in spects + structs + doses:
                 skip(s, "no chest CT for this patient")
             continue
 
@@ -513,7 +528,7 @@ def build_plan(root: str | Path, out: str | Path, *, cohort: str = "cancer", ins
                 skip(s, f"two candidate CTs ({len(ties)} series of {rank[1]:g} mm slices): none chosen")
             for s, _ in cts[len(ties):]:
                 skip(s, "another CT series was preferred")
-            for s in spects + structs:
+            for s in spects + structs + doses:
                 skip(s, "the patient's CT is ambiguous")
             continue
         ct, geom = best
@@ -554,6 +569,16 @@ def build_plan(root: str | Path, out: str | Path, *, cohort: str = "cancer", ins
                 skip(refs[0], note or "no lung or lobe ROI matched roi_names")
             elif note:
                 skip(refs[0], note)
+        # the plan dose (for ctpm-flart): an RT Dose in the CT's frame of reference
+        on_ct = [s for s in doses if ct.frame and s.frame == ct.frame]
+        for s in doses:
+            if s not in on_ct:
+                skip(s, "RT Dose not in the chosen CT's frame of reference")
+        if len(on_ct) == 1:
+            row["dose"] = _rel(on_ct[0].files[0], out_dir)
+        elif on_ct:
+            for s in on_ct:
+                skip(s, f"{len(on_ct)} plan doses on the CT: none chosen")
         if not row["spect"]:
             plan.skipped.append(Skip(pid, None, row["ct"], "no SPECT: CT-only row (for ctpm-predict)"
                                      if ct_only_rows else "no SPECT: left out (ct_only_rows=false)"))
