@@ -22,6 +22,7 @@ def run(cfg: DictConfig) -> tuple[Path, Path]:
     ids = PatientIds(cfg.id_mode, salt=cfg.id_salt, mapping=cfg.id_mapping)
     plan = build_plan(cfg.dicom, out, cohort=cfg.cohort, institution=str(cfg.institution),
                       min_z_extent_mm=float(cfg.min_z_extent_mm), ids=ids, ct_only_rows=bool(cfg.ct_only_rows),
+                      progress=bool(cfg.progress),
                       roi_names={k: [str(a) for a in v] for k, v in OmegaConf.to_container(cfg.roi_names).items()})
     if not plan.rows:
         reasons = Counter(s.reason for s in plan.skipped if s.series is None or s.series.modality == "CT")

@@ -118,15 +118,17 @@ class Skip:
 # --------------------------------------------------------------------------------------------------
 
 
-def scan(root: str | Path) -> tuple[list[Series], list[Path], list[tuple[Path, str]]]:
+def scan(root: str | Path, *, progress: bool = False) -> tuple[list[Series], list[Path], list[tuple[Path, str]]]:
     """Every DICOM series under `root` from its headers; also the files that are not DICOM and those
     whose header cannot be read (with why)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
+    from tqdm.auto import tqdm
 
     root = Path(root)
     if not root.is_dir():
         raise CtpmError("DICOM folder does not exist", path=root)
+    bar = tqdm(desc="ctpm-manifest: headers", unit="file", disable=not progress)
     series: dict[str, Series] = {}
     not_dicom: list[Path] = []
     unreadable: list[tuple[Path, str]] = []
@@ -138,6 +140,7 @@ def scan(root: str | Path) -> tuple[list[Series], list[Path], list[tuple[Path, s
                 continue
             f = Path(dirpath) / name
             n_files += 1
+            bar.update()
             try:
                 ds = pydicom.dcmread(f, stop_before_pixels=True)
             except InvalidDicomError:
@@ -165,6 +168,7 @@ def scan(root: str | Path) -> tuple[list[Series], list[Path], list[tuple[Path, s
             if not s.frame and modality == "RTSTRUCT":
                 refs = ds.get("ReferencedFrameOfReferenceSequence") or []
                 s.frame = str(refs[0].get("FrameOfReferenceUID", "")) if refs else ""
+    bar.close()
     if n_files == 0:
         raise CtpmError("DICOM folder holds no files", path=root)
     if not series:
@@ -427,7 +431,7 @@ def _series_path(s: Series, pid: str, kind: str, image_files: dict[Path, str], o
 
 def build_plan(root: str | Path, out: str | Path, *, cohort: str = "cancer", institution: str = "local",
                min_z_extent_mm: float = 150.0, roi_names: dict[str, list[str]] | None = None,
-               ids: PatientIds | None = None, ct_only_rows: bool = True) -> Plan:
+               ids: PatientIds | None = None, ct_only_rows: bool = True, progress: bool = False) -> Plan:
     """Index the tree and decide every row, ROI file and skip; writes nothing."""
     if cohort not in COHORTS:
         raise CtpmError(f"unknown cohort {cohort!r}; expected one of {', '.join(COHORTS)}")
@@ -437,7 +441,7 @@ def build_plan(root: str | Path, out: str | Path, *, cohort: str = "cancer", ins
     out_dir = out.parent
     ids = ids or PatientIds()
     roi_names = roi_names or DEFAULT_ROI_NAMES
-    series, not_dicom, unreadable = scan(root)
+    series, not_dicom, unreadable = scan(root, progress=progress)
     plan = Plan()
     for f in not_dicom:
         plan.skipped.append(Skip("", None, _rel(f, out_dir), "not a DICOM file"))
