@@ -313,3 +313,4 @@ def test_ct_only_rows_can_be_left_out(export, tmp_path):
     plan = build_plan(export, tmp_path / "manifest.csv", ct_only_rows=False, ids=PatientIds("hash", salt="s3cret"))
     assert len(plan.rows) == 2 and all(r["spect"] for r in plan.rows)
     assert any("left out (ct_only_rows=false)" in s.reason for s in plan.skipped)
+    assert plan.links == [] and len(plan.rois) == 2  # nothing is made for the patients left out

@@ -414,55 +414,168 @@ def _rel(path: Path, base: Path) -> str:
 
 
 def _series_path(s: Series, pid: str, kind: str, image_files: dict[Path, str], out_dir: Path,
-                 plan: Plan) -> str:
+                 links: list[tuple[str, list[Path]]]) -> str:
     """The manifest entry for series `s`: the single file of a multi-frame series, the folder that
-    holds it alone, or a folder of links made beside the manifest."""
+    holds it alone, or a folder of links to be made beside the manifest (added to `links`)."""
     if len(s.files) == 1 and s.frames > 1:
         return _rel(s.files[0], out_dir)
     folder = Path(os.path.commonpath([str(f.parent) for f in s.files]))
     prefix = str(folder) + os.sep
-    alone = all(uid == s.uid for f, uid in image_files.items() if str(f).startswith(prefix))
-    if alone:
+    if all(uid == s.uid for f, uid in image_files.items() if str(f).startswith(prefix)):
         return _rel(folder, out_dir)
     rel = f"series/{pid}/{kind}"
-    plan.links.append((rel, list(s.files)))
+    links.append((rel, list(s.files)))
     return rel
+
+
+@dataclass
+class _Candidates:
+    """A patient's series by what they may become in the manifest."""
+
+    cts: list[tuple[Series, CtGeometry]] = field(default_factory=list)
+    spects: list[Series] = field(default_factory=list)
+    structs: list[Series] = field(default_factory=list)
+    doses: list[Series] = field(default_factory=list)
+
+    def partners(self, ct: Series) -> list[Series]:
+        """SPECTs of the CT's frame of reference, else of its study."""
+        same_frame = [s for s in self.spects if ct.frame and s.frame == ct.frame]
+        return same_frame or [s for s in self.spects if s.study == ct.study]
+
+
+def _candidates(group: list[Series], skip, min_z_extent_mm: float) -> _Candidates:
+    c = _Candidates()
+    for s in group:
+        if s.modality == "CT":
+            if "LOCALIZER" in s.image_types:
+                skip(s, "scout (LOCALIZER)")
+                continue
+            if not s.is_image:
+                skip(s, "not an image")
+                continue
+            try:
+                g = ct_geometry(s)
+            except CtpmError as err:
+                skip(s, str(err))
+                continue
+            if g.extent_mm < min_z_extent_mm:
+                skip(s, f"does not cover the lungs: {g.extent_mm:.0f} mm along z < min_z_extent_mm={min_z_extent_mm:g}")
+                continue
+            c.cts.append((s, g))
+        elif s.modality == "NM":
+            why = _is_spect(s)
+            if why:
+                skip(s, why)
+            else:
+                c.spects.append(s)
+        elif s.modality == "RTSTRUCT":
+            c.structs.append(s)
+        elif s.modality == "RTDOSE":
+            h = s.headers[0]
+            summation = str(h.get("DoseSummationType", "")).upper()
+            if summation in PARTIAL_DOSE_TYPES:
+                skip(s, f"RT Dose of one {summation.lower()}, not the plan's")
+            elif str(h.get("DoseUnits", "")).upper() != "GY":
+                skip(s, f"RT Dose not in Gy (DoseUnits {h.get('DoseUnits', 'missing')})")
+            else:
+                c.doses.append(s)
+        else:
+            skip(s, f"{s.modality or 'unknown'} series: not used" if s.is_image else
+                 f"not an image ({s.modality or 'unknown modality'})")
+    return c
+
+
+def _choose_ct(c: _Candidates, skip) -> tuple[Series, CtGeometry] | None:
+    """The CT with a SPECT beside it, then the thinnest slices; None (all skipped) on a tie."""
+    def rank(item):
+        return (not c.partners(item[0]), round(item[1].step_mm, 2))
+
+    cts = sorted(c.cts, key=rank)
+    ties = [x for x in cts if rank(x) == rank(cts[0])]
+    if len(ties) > 1:
+        for s, _ in ties:
+            skip(s, f"two candidate CTs ({len(ties)} series of {rank(cts[0])[1]:g} mm slices): none chosen")
+        for s, _ in cts[len(ties):]:
+            skip(s, "another CT series was preferred")
+        for s in c.spects + c.structs + c.doses:
+            skip(s, "the patient's CT is ambiguous")
+        return None
+    ct, geom = cts[0]
+    for s, g in cts[1:]:
+        why = "thicker slices" if g.step_mm > geom.step_mm + 1e-2 else "no SPECT beside it"
+        skip(s, f"another CT series was chosen ({why})")
+    return ct, geom
+
+
+def _lung_rois(ct: Series, geom: CtGeometry, structs: list[Series], pid: str, roi_names, skip,
+               row: dict, rois: list) -> None:
+    """Lobes and lungs from the structure set on this CT (referencing its series, else sharing its
+    frame of reference): into `row` and `rois`."""
+    refs = [s for s in structs if ct.uid in _referenced_series(s.headers[0])]
+    if not refs:
+        refs = [s for s in structs if ct.frame and s.frame == ct.frame]
+    for s in structs:
+        if s not in refs:
+            skip(s, "RT structure set not on the chosen CT")
+    if len(refs) > 1:
+        for s in refs:
+            skip(s, f"{len(refs)} RT structure sets on the CT: none used")
+        return
+    if not refs:
+        return
+    lobes, lungs, note = lung_labels(structure_masks(refs[0].files[0], geom, roi_names))
+    for column, labels in (("lobes", lobes), ("lung_mask", lungs)):
+        if labels is not None:
+            row[column] = f"rois/{pid}_{column}.nii.gz"
+            rois.append((row[column], labels, geom.affine))
+    if lobes is None and lungs is None:
+        skip(refs[0], note or "no lung or lobe ROI matched roi_names")
+    elif note:
+        skip(refs[0], note)
+
+
+def _plan_dose(ct: Series, doses: list[Series], skip) -> Series | None:
+    """The plan dose (for ctpm-flart): the one RT Dose in the CT's frame of reference."""
+    on_ct = [s for s in doses if ct.frame and s.frame == ct.frame]
+    for s in doses:
+        if s not in on_ct:
+            skip(s, "RT Dose not in the chosen CT's frame of reference")
+    if len(on_ct) > 1:
+        for s in on_ct:
+            skip(s, f"{len(on_ct)} plan doses on the CT: none chosen")
+    return on_ct[0] if len(on_ct) == 1 else None
 
 
 def build_plan(root: str | Path, out: str | Path, *, cohort: str = "cancer", institution: str = "local",
                min_z_extent_mm: float = 150.0, roi_names: dict[str, list[str]] | None = None,
                ids: PatientIds | None = None, ct_only_rows: bool = True, progress: bool = False) -> Plan:
-    """Index the tree and decide every row, ROI file and skip; writes nothing."""
+    """Index the tree and decide every row, ROI file, link folder and skip; writes nothing."""
     if cohort not in COHORTS:
         raise CtpmError(f"unknown cohort {cohort!r}; expected one of {', '.join(COHORTS)}")
     if not str(institution or "").strip():
         raise CtpmError("institution is empty")
-    root, out = Path(root), Path(out)
-    out_dir = out.parent
+    root, out_dir = Path(root), Path(out).parent
     ids = ids or PatientIds()
     roi_names = roi_names or DEFAULT_ROI_NAMES
     series, not_dicom, unreadable = scan(root, progress=progress)
     plan = Plan()
-    for f in not_dicom:
-        plan.skipped.append(Skip("", None, _rel(f, out_dir), "not a DICOM file"))
-    for f, why in unreadable:
-        plan.skipped.append(Skip("", None, _rel(f, out_dir), why))
+    plan.skipped += [Skip("", None, _rel(f, out_dir), "not a DICOM file") for f in not_dicom]
+    plan.skipped += [Skip("", None, _rel(f, out_dir), why) for f, why in unreadable]
+    if not any(s.modality == "CT" for s in series):
+        raise CtpmError(f"no CT series among the {len(series)} DICOM series found", path=root)
     # image files that read_dicom_series would take from a folder (it leaves out scouts and non-images)
-    image_files = {f: s.uid for s in series if s.is_image for f, h in zip(s.files, s.headers)
+    image_files = {f: s.uid for s in series if s.is_image for f, h in zip(s.files, s.headers, strict=True)
                    if "LOCALIZER" not in [str(v).upper() for v in (h.get("ImageType") or [])]}
     by_patient: dict[str, list[Series]] = defaultdict(list)
     for s in series:
         by_patient[s.patient].append(s)
-    if not any(s.modality == "CT" for s in series):
-        raise CtpmError(f"no CT series among the {len(series)} DICOM series found", path=root)
     used_ids: dict[str, str] = {}
     for dicom_id in sorted(by_patient):
         group = by_patient[dicom_id]
         pid = ids(dicom_id)
-        where = _rel(group[0].files[0].parent, out_dir)
         if pid is None:
-            plan.skipped.extend(Skip("", s, _rel(s.files[0].parent, out_dir), "PatientID not in the id mapping")
-                                for s in group)
+            plan.skipped += [Skip("", s, _rel(s.files[0].parent, out_dir), "PatientID not in the id mapping")
+                             for s in group]
             continue
         if pid in used_ids:
             raise CtpmError(f"two PatientIDs give the patient_id {pid!r}")
@@ -471,124 +584,41 @@ def build_plan(root: str | Path, out: str | Path, *, cohort: str = "cancer", ins
         def skip(s: Series, reason: str, _pid=pid) -> None:
             plan.skipped.append(Skip(_pid, s, _rel(s.files[0].parent, out_dir), reason))
 
-        cts: list[tuple[Series, CtGeometry]] = []
-        spects: list[Series] = []
-        structs: list[Series] = []
-        doses: list[Series] = []
-        for s in group:
-            if s.modality == "CT":
-                if "LOCALIZER" in s.image_types:
-                    skip(s, "scout (LOCALIZER)")
-                    continue
-                if not s.is_image:
-                    skip(s, "not an image")
-                    continue
-                try:
-                    g = ct_geometry(s)
-                except CtpmError as err:
-                    skip(s, str(err))
-                    continue
-                if g.extent_mm < min_z_extent_mm:
-                    skip(s, f"does not cover the lungs: {g.extent_mm:.0f} mm along z < min_z_extent_mm="
-                            f"{min_z_extent_mm:g}")
-                    continue
-                cts.append((s, g))
-            elif s.modality == "NM":
-                why = _is_spect(s)
-                if why:
-                    skip(s, why)
-                else:
-                    spects.append(s)
-            elif s.modality == "RTSTRUCT":
-                structs.append(s)
-            elif s.modality == "RTDOSE":
-                h = s.headers[0]
-                summation = str(h.get("DoseSummationType", "")).upper()
-                if summation in PARTIAL_DOSE_TYPES:
-                    skip(s, f"RT Dose of one {summation.lower()}, not the plan's")
-                elif str(h.get("DoseUnits", "")).upper() != "GY":
-                    skip(s, f"RT Dose not in Gy (DoseUnits {h.get('DoseUnits', 'missing')})")
-                else:
-                    doses.append(s)
-            else:
-                skip(s, f"{s.modality or 'unknown'} series: not used" if s.is_image else
-                     f"not an image ({s.modality or 'unknown modality'})")
-        if not cts:
-            plan.skipped.append(Skip(pid, None, where, "no CT series covering the lungs"))
-            for s in spects + structs + doses:
+        c = _candidates(group, skip, min_z_extent_mm)
+        if not c.cts:
+            plan.skipped.append(Skip(pid, None, _rel(group[0].files[0].parent, out_dir),
+                                     "no CT series covering the lungs"))
+            for s in c.spects + c.structs + c.doses:
                 skip(s, "no chest CT for this patient")
             continue
-
-        def partners(ct: Series, spects=spects) -> list[Series]:
-            same_frame = [s for s in spects if ct.frame and s.frame == ct.frame]
-            return same_frame or [s for s in spects if s.study == ct.study]
-
-        cts.sort(key=lambda c: (not partners(c[0]), round(c[1].step_mm, 2)))
-        best = cts[0]
-        rank = (bool(partners(best[0])), round(best[1].step_mm, 2))
-        ties = [c for c in cts if (bool(partners(c[0])), round(c[1].step_mm, 2)) == rank]
-        if len(ties) > 1:
-            for s, _ in ties:
-                skip(s, f"two candidate CTs ({len(ties)} series of {rank[1]:g} mm slices): none chosen")
-            for s, _ in cts[len(ties):]:
-                skip(s, "another CT series was preferred")
-            for s in spects + structs + doses:
-                skip(s, "the patient's CT is ambiguous")
+        chosen = _choose_ct(c, skip)
+        if chosen is None:
             continue
-        ct, geom = best
-        for s, g in cts[1:]:
-            why = "thicker slices" if g.step_mm > geom.step_mm + 1e-2 else "no SPECT beside it"
-            skip(s, f"another CT series was chosen ({why})")
+        ct, geom = chosen
+        links: list[tuple[str, list[Path]]] = []
+        rois: list[tuple[str, np.ndarray, np.ndarray]] = []
         row = {"patient_id": pid, "cohort": cohort, "institution": institution,
-               "ct": _series_path(ct, pid, "ct", image_files, out_dir, plan), "spect": ""}
-        cand = partners(ct)
-        for s in spects:
+               "ct": _series_path(ct, pid, "ct", image_files, out_dir, links), "spect": ""}
+        cand = c.partners(ct)
+        for s in c.spects:
             if s not in cand:
                 skip(s, "SPECT not in the chosen CT's frame of reference or study")
         if len(cand) == 1:
-            row["spect"] = _series_path(cand[0], pid, "spect", image_files, out_dir, plan)
-        elif cand:
-            for s in cand:
-                skip(s, f"{len(cand)} candidate SPECT series for the CT: none chosen")
-        # structure sets on this CT: referencing its series, else sharing its frame of reference
-        refs = [s for s in structs if ct.uid in _referenced_series(s.headers[0])]
-        if not refs:
-            refs = [s for s in structs if ct.frame and s.frame == ct.frame]
-        for s in structs:
-            if s not in refs:
-                skip(s, "RT structure set not on the chosen CT")
-        if len(refs) > 1:
-            for s in refs:
-                skip(s, f"{len(refs)} RT structure sets on the CT: none used")
-        elif refs:
-            masks = structure_masks(refs[0].files[0], geom, roi_names)
-            lobes, lungs, note = lung_labels(masks)
-            if lobes is not None:
-                row["lobes"] = f"rois/{pid}_lobes.nii.gz"
-                plan.rois.append((row["lobes"], lobes, geom.affine))
-            if lungs is not None:
-                row["lung_mask"] = f"rois/{pid}_lung_mask.nii.gz"
-                plan.rois.append((row["lung_mask"], lungs, geom.affine))
-            if lobes is None and lungs is None:
-                skip(refs[0], note or "no lung or lobe ROI matched roi_names")
-            elif note:
-                skip(refs[0], note)
-        # the plan dose (for ctpm-flart): an RT Dose in the CT's frame of reference
-        on_ct = [s for s in doses if ct.frame and s.frame == ct.frame]
-        for s in doses:
-            if s not in on_ct:
-                skip(s, "RT Dose not in the chosen CT's frame of reference")
-        if len(on_ct) == 1:
-            row["dose"] = _rel(on_ct[0].files[0], out_dir)
-        elif on_ct:
-            for s in on_ct:
-                skip(s, f"{len(on_ct)} plan doses on the CT: none chosen")
+            row["spect"] = _series_path(cand[0], pid, "spect", image_files, out_dir, links)
+        for s in cand if len(cand) > 1 else []:
+            skip(s, f"{len(cand)} candidate SPECT series for the CT: none chosen")
+        _lung_rois(ct, geom, c.structs, pid, roi_names, skip, row, rois)
+        dose = _plan_dose(ct, c.doses, skip)
+        if dose is not None:
+            row["dose"] = _rel(dose.files[0], out_dir)
         if not row["spect"]:
             plan.skipped.append(Skip(pid, None, row["ct"], "no SPECT: CT-only row (for ctpm-predict)"
                                      if ct_only_rows else "no SPECT: left out (ct_only_rows=false)"))
             if not ct_only_rows:
                 continue
         plan.rows.append(row)
+        plan.links += links
+        plan.rois += rois
     return plan
 
 
