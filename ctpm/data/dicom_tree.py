@@ -41,9 +41,10 @@ from typing import Any
 
 import numpy as np
 
-from ctpm.data.io import LPS_TO_RAS, atomic_directory, save_nifti
+from ctpm.data.io import atomic_directory, save_nifti
 from ctpm.data.manifest import _SAFE_ID, COHORTS, write_manifest
 from ctpm.errors import CtpmError
+from ctpm.geometry import LPS_TO_RAS, dicom_affine
 
 LOBE_LABELS = {"LUL": 1, "LLL": 2, "RUL": 3, "RML": 4, "RLL": 5}  # as ctpm.evaluation.flart reads them
 RIGHT, LEFT = 1, 2  # as ctpm.data.lungs
@@ -242,13 +243,8 @@ def _stack(iop: np.ndarray, pos: np.ndarray, rows: int, cols: int, spacing, sop_
     med = float(np.median(steps))
     if np.max(np.abs(steps - med)) > 0.1 * abs(med) + 1e-3:
         raise CtpmError("slices not evenly spaced (missing slices?)")
-    dr, dc = spacing
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * dc
-    lps[:3, 1] = col_dir * dr
-    lps[:3, 2] = (pos[order[-1]] - pos[order[0]]) / (len(pos) - 1)
-    lps[:3, 3] = pos[order[0]]
-    return CtGeometry(shape=(cols, rows, len(pos)), affine=LPS_TO_RAS @ lps,
+    affine = dicom_affine(iop, pos[order[0]], spacing, (pos[order[-1]] - pos[order[0]]) / (len(pos) - 1))
+    return CtGeometry(shape=(cols, rows, len(pos)), affine=affine,
                       sop_uids=[sop_uids[i] for i in order] if order_uids else sop_uids, step_mm=med,
                       extent_mm=float(along[order[-1]] - along[order[0]]) + med)
 
