@@ -36,6 +36,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from ctpm.errors import CtpmError
+
 #: The per-patient metrics of the paper, in the order the report gives them.
 METRICS = ("spearman_r", "dice_high", "dice_low")
 #: The same over the lung interior (farther than one SPECT FWHM from the lungs' border).
@@ -94,10 +96,16 @@ class BootstrapConfig:
             return cls()
         if isinstance(cfg, cls):
             return cfg
-        known = {k: v for k, v in dict(cfg).items() if k in ("n_resamples", "seed", "confidence", "method")}
-        out = cls(**known)
+        unknown = sorted(set(dict(cfg)) - {"n_resamples", "seed", "confidence", "method"})
+        if unknown:
+            raise CtpmError(f"bootstrap has no setting {', '.join(unknown)} (n_resamples, seed, confidence, method)")
+        d = dict(cfg)
+        out = cls(n_resamples=int(d.get("n_resamples", cls.n_resamples)), seed=int(d.get("seed", cls.seed)),
+                  confidence=float(d.get("confidence", cls.confidence)), method=str(d.get("method", cls.method)))
         if out.method not in ("BCa", "percentile", "basic"):
-            raise ValueError(f"bootstrap method must be BCa, percentile or basic, got {out.method!r}")
+            raise CtpmError(f"bootstrap.method must be BCa, percentile or basic, not {out.method!r}")
+        if not 0 < out.confidence < 1 or out.n_resamples < 1:
+            raise CtpmError("bootstrap.confidence must lie in (0, 1) and bootstrap.n_resamples be positive")
         return out
 
 
