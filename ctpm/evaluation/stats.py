@@ -155,7 +155,10 @@ def bootstrap_interval(data: Sequence[np.ndarray], statistic: Callable[..., Any]
         if math.isfinite(low) and math.isfinite(high):
             out.update(low=low, high=high, method=method)
             return out
-    if np.allclose(statistic(*arrays), [statistic(*(a[..., [i]] for a in arrays)) for i in range(n)]):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one_each = [float(statistic(*(a[..., [i]] for a in arrays))) for i in range(n)]
+    if np.allclose(estimate, one_each):
         out.update(low=estimate, high=estimate, note="the same value for every patient")
     else:
         out["note"] = "the bootstrap distribution is degenerate"
