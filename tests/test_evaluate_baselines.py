@@ -76,3 +76,32 @@ def test_report_headline_on_the_cohort(evaluated, tmp_path):
     report = files["report"].read_text()
     assert "## Headline" in report and "## Perfusion defects" in report and "Attainable ceiling" in report
     assert (tmp_path / "figures" / "model_vs_geometry.png").exists()
+
+
+def test_manifest_spect_fwhm_column(tiny_cohort, tmp_path):
+    import csv
+    import shutil
+
+    from ctpm.errors import CtpmError
+    from ctpm.evaluation.regions import patient_fwhm_mm
+
+    rows = list(csv.DictReader(tiny_cohort.read_text().splitlines()))
+    for d in tiny_cohort.parent.iterdir():
+        if d.is_dir():
+            shutil.copytree(d, tmp_path / d.name)
+
+    def write(values):
+        path = tmp_path / "manifest.csv"
+        with path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]) + ["spect_fwhm_mm"])
+            w.writeheader()
+            for row, v in zip(rows, values):
+                w.writerow({**row, "spect_fwhm_mm": v})
+        return path
+
+    m = load_manifest(write(["12.5"] + [""] * (len(rows) - 1)))
+    assert m.patients[0].spect_fwhm_mm == 12.5 and m.patients[1].spect_fwhm_mm is None
+    assert patient_fwhm_mm(m.patients[0]) == 12.5 and patient_fwhm_mm(m.patients[1], 14.0) == 14.0
+    for bad in ("wide", "-3", "0", "nan"):
+        with pytest.raises(CtpmError, match="spect_fwhm_mm"):
+            load_manifest(write([bad] + [""] * (len(rows) - 1)))

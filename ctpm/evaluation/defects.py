@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from ctpm.evaluation.regions import grid_spacing, interior_mask, voxel_ml
+
 DEFAULT_MIN_DEFECT_ML = 5.0
 #: share of a defect's volume that must be called low for it to count as found
 FOUND_FRACTION = 0.5
@@ -112,8 +114,6 @@ def patient_regions(gv, fwhm_mm: float, threshold: float = 0.66,
                     min_defect_ml: float = DEFAULT_MIN_DEFECT_ML) -> PatientRegions:
     """The interior (evaluation-mask voxels farther than one SPECT FWHM from the lungs' border)
     and the SPECT defects of a patient on its evaluation grid (``affine, spect, mask, lungs``)."""
-    from ctpm.evaluation.regions import grid_spacing, interior_mask, voxel_ml
-
     mask = np.asarray(gv.mask, bool)
     lungs = (np.asarray(gv.lungs) > 0) | mask
     interior = interior_mask(mask, grid_spacing(gv.affine), fwhm_mm, support=lungs)

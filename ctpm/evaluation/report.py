@@ -554,7 +554,7 @@ def _write_atomic(path: Path, data: str | bytes) -> Path:
 
 
 def _draw_figures(frames: Mapping[str, pd.DataFrame], case: Mapping[str, Any] | None,
-                  labels: Mapping[str, str], threshold: float) -> dict[str, Any]:
+                  labels: Mapping[str, str], threshold: float, bootstrap: Any = None) -> dict[str, Any]:
     """The figures the data allow, by name (Figure objects, not yet saved)."""
     model = frames["model"]
     drawn: dict[str, Any] = {}
@@ -562,7 +562,8 @@ def _draw_figures(frames: Mapping[str, pd.DataFrame], case: Mapping[str, Any] | 
         if name in frames and paired_comparison(model, frames[name])["n"]:
             drawn[fig_name] = figures.r_before_after(model, frames[name], (labels["model"], labels[name]))
     if "geometry" in frames and paired_comparison(model, frames["geometry"])["n"]:
-        drawn["model_vs_geometry"] = figures.paired_dots(model, frames["geometry"], (labels["model"], labels["geometry"]))
+        drawn["model_vs_geometry"] = figures.paired_dots(model, frames["geometry"], (labels["model"], labels["geometry"]),
+                                                         bootstrap=bootstrap)
     drawn["dice_histograms"] = figures.dice_histograms(model)
     if any(lobe_agreement(model)[lobe]["n"] for lobe in LOBES):
         drawn["lobe_scatter"] = figures.lobe_scatter(model)
@@ -601,7 +602,7 @@ def write_report(result: Mapping[str, Any], out_dir: str | Path, *, labels: Mapp
                                        json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
 
     figure_files: dict[str, Path] = {}
-    for name, fig in _draw_figures(frames, result.get("case"), labels, threshold).items():
+    for name, fig in _draw_figures(frames, result.get("case"), labels, threshold, bootstrap).items():
         buffer = io.BytesIO()
         try:
             fig.savefig(buffer, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
