@@ -200,3 +200,45 @@ def test_only_what_the_data_allow_and_no_stale_files(tmp_path):
 def test_json_safe():
     assert json_safe({"a": np.float32(0.5), "b": (np.int64(2), float("nan")), 3: np.bool_(True)}) == \
         {"a": 0.5, "b": [2, None], "3": True}
+
+
+def test_headline_margin_over_the_geometry_prior_and_marks(tmp_path):
+    """The headline gives the model's paired margin over the geometry prior with its interval; a
+    margin whose interval includes zero is marked †, a clear one is not."""
+    rng = np.random.default_rng(3)
+    model = fake_rows(12, rng)
+    geometry = []
+    for row in model:
+        g = dict(row)
+        g["spearman_r"] = row["spearman_r"] - 0.1 - rng.uniform(0, 0.02)  # clearly worse
+        g["dice_low"] = row["dice_low"] + rng.normal(0, 0.05)  # no difference
+        geometry.append(g)
+    result = {"rows": {"model": model, "geometry": geometry}, "missing": [], "missing_folds": [], "case": None,
+              "density_fit": "noncancer cohort"}
+    files = write_report(result, tmp_path, bootstrap={"n_resamples": 999, "seed": 2})
+    summary = json.loads(files["summary"].read_text(), parse_constant=no_nan)
+    head = summary["headline"]["metrics"]
+    r = head["spearman_r"]
+    diff = np.array([m["spearman_r"] - g["spearman_r"] for m, g in zip(model, geometry)])
+    assert r["margin"]["estimate"] == pytest.approx(diff.mean(), abs=1e-12)
+    assert r["margin"]["low"] > 0.09 and r["includes_zero"] is False
+    assert head["dice_low"]["includes_zero"] is True
+    assert r["model"]["estimate"] == pytest.approx(np.mean([m["spearman_r"] for m in model]), abs=1e-12)
+    assert summary["bootstrap"] == {"n_resamples": 999, "seed": 2, "confidence": 0.95, "method": "BCa",
+                                    "resampled": "patients"}
+    report = files["report"].read_text()
+    margin_line = next(ln for ln in report.splitlines() if ln.startswith("- **Margin (the headline)"))
+    m = r["margin"]
+    assert f"Spearman R {m['estimate']:+.3f} [{m['low']:.3f}, {m['high']:.3f}];" in margin_line
+    d = head["dice_low"]["margin"]
+    assert f"DSC low-functional {d['estimate']:+.3f} [{d['low']:.3f}, {d['high']:.3f}] †" in margin_line
+    assert report.index("## Headline") < report.index("## Cohort")
+    assert "model_vs_geometry.png" in report
+
+
+def test_no_geometry_prior_no_headline(tmp_path):
+    rows = fake_rows(5, np.random.default_rng(4))
+    files = write_report({"rows": {"model": rows}, "missing": [], "missing_folds": [], "case": None,
+                          "density_fit": None}, tmp_path, bootstrap={"n_resamples": 200})
+    assert json.loads(files["summary"].read_text())["headline"] is None
+    assert "headline margin is not available" in files["report"].read_text()

@@ -272,8 +272,8 @@ def _interval(entry: Mapping[str, Any] | None, digits: int = 3) -> str:
 
 
 def _estimate(entry: Mapping[str, Any] | None, digits: int = 3, signed: bool = False) -> str:
-    """An estimate with its interval ("0.734 [0.701, 0.760]"), the difference signed, and marked
-    with :data:`NOT_SHOWN` when the interval of a difference includes zero."""
+    """An estimate with its interval ("0.734 [0.701, 0.760]"), a difference signed, and marked
+    with :data:`NOT_SHOWN` when the interval includes zero."""
     if not entry:
         return "n/a"
     x = entry.get("estimate")
@@ -281,7 +281,7 @@ def _estimate(entry: Mapping[str, Any] | None, digits: int = 3, signed: bool = F
         return "n/a"
     text = f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
     text += f" {_interval(entry, digits)}"
-    if signed and includes_zero(entry):
+    if includes_zero(entry):
         text += f" {NOT_SHOWN}"
     return text
 
@@ -333,7 +333,8 @@ def _headline_lines(summary: Mapping[str, Any], figure_files: Mapping[str, Path]
         n = summary["paired"][key]["spearman_r"]["n"]
         head = "Margin (the headline): " if name == HEADLINE_REFERENCE else ""
         lines.append(f"- **{head}{labels['model']} − {labels[name]}** (paired, n = {n}): " + "; ".join(parts) + ".")
-    lines += ["", f"{NOT_SHOWN} the 95 % interval of the difference includes zero: the data do not show it.", ""]
+    lines += ["", f"{NOT_SHOWN} the 95 % interval includes zero: the data do not show that difference (or "
+              "that correlation).", ""]
     _figure(lines, figure_files, "model_vs_geometry", f"{labels['model']} vs {labels.get('geometry')} per patient")
     return lines
 
@@ -443,14 +444,17 @@ def render_markdown(summary: Mapping[str, Any], frames: Mapping[str, pd.DataFram
         lines += ["No lobe labels in the manifest: lobe-wise agreement is given per lung only.", ""]
     others = [n for n in sets if n != "model"]
     def fisher(entry: Mapping[str, Any]) -> str:
-        return f"{_num(entry['pearson_r'], 3)} {_interval({'low': entry['pearson_ci_low'], 'high': entry['pearson_ci_high']})}"
+        ci = {"low": entry["pearson_ci_low"], "high": entry["pearson_ci_high"]}
+        mark = f" {NOT_SHOWN}" if includes_zero(ci) else ""
+        return f"{_num(entry['pearson_r'], 3)} {_interval(ci)}{mark}"
 
     rows = [[region, str(lobes[region]["n"]), fisher(lobes[region]), format_p(lobes[region]["pearson_p"]),
              _num(lobes[region]["spearman_rho"]), format_p(lobes[region]["spearman_p"]),
              _num(lobes[region]["mean_pred"]), _num(lobes[region]["mean_spect"]),
              _num(lobes[region]["mean_difference"]),
              *[fisher(sets[n]["lobes"][region]) for n in others]] for region in regions]
-    lines += ["Pearson r with its 95 % interval by Fisher's z transform (n <= 3: none).", ""]
+    lines += [f"Pearson r with its 95 % interval by Fisher's z transform (n <= 3: none); {NOT_SHOWN}: the "
+              "interval includes zero.", ""]
     lines += _table(["region", "n", "Pearson r [95 % CI]", "p", "Spearman rho", "p", "mean CT-based", "mean SPECT",
                      "mean difference", *[f"r, {labels[n]}" for n in others]], rows) + [""]
     margin_sets = [n for n in COMPARED if f"model_vs_{n}" in summary["lobe_margins"]]
