@@ -120,7 +120,7 @@ def lobe_intervals(frames, regions=LOBES):
     """The lobe-wise Pearson r across patients of each set (``{label: rows}``) with its 95 %
     interval by Fisher's z, one row per lobe, the sets side by side (a forest plot)."""
     names = list(frames)
-    fig, ax = plt.subplots(figsize=(6.2, 0.55 * len(regions) * max(len(names), 2) / 2 + 1.4))
+    fig, ax = plt.subplots(figsize=(6.2, 1.2 + 0.16 * len(regions) * max(len(names), 2)))
     colours = plt.get_cmap("tab10")
     step = 0.8 / max(len(names), 1)
     for k, name in enumerate(names):
@@ -140,7 +140,7 @@ def lobe_intervals(frames, regions=LOBES):
     ax.axvline(0, color="0.5", lw=0.8, ls="--")
     ax.set_yticks(range(len(regions)), regions)
     ax.invert_yaxis()
-    ax.set_xlim(-1, 1)
+    ax.set_xlim(-1.02, 1.02)
     ax.set_xlabel("Pearson r of lobe means with the SPECT's, across patients (95 % CI, Fisher z)", fontsize=8)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
