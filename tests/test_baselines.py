@@ -10,7 +10,12 @@ import pytest
 import scipy.stats
 from scipy import ndimage as ndi
 
-from ctpm.evaluation.baselines import DensityBaseline, GeometryPrior, ceiling_maps, lung_position
+from ctpm.evaluation.baselines import (
+    DensityBaseline,
+    GeometryPrior,
+    ceiling_maps,
+    lung_position,
+)
 from ctpm.evaluation.evaluate import map_metrics
 from ctpm.evaluation.regions import (
     FWHM_PER_SIGMA,

@@ -23,7 +23,13 @@ from typing import Any
 import numpy as np
 
 from ctpm.errors import CtpmError
-from ctpm.evaluation.regions import DEFAULT_SPECT_FWHM_MM, gaussian_mm, grid_spacing, normalised_convolution, patient_fwhm_mm
+from ctpm.evaluation.regions import (
+    DEFAULT_SPECT_FWHM_MM,
+    gaussian_mm,
+    grid_spacing,
+    normalised_convolution,
+    patient_fwhm_mm,
+)
 
 
 def lung_position(gv: Any) -> tuple[np.ndarray, np.ndarray]:

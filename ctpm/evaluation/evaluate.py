@@ -30,8 +30,18 @@ from ctpm.data.manifest import Manifest, Patient
 from ctpm.data.preprocess import patient_inputs, resample_to_grid
 from ctpm.data.transforms import PreprocessConfig, grid_footprint, grid_stage
 from ctpm.errors import CtpmError
-from ctpm.evaluation.baselines import DensityBaseline, GeometryPrior, ceiling_maps, density_features  # noqa: F401
-from ctpm.evaluation.defects import DEFAULT_MIN_DEFECT_ML, PatientRegions, defect_metrics, patient_regions
+from ctpm.evaluation.baselines import (  # noqa: F401
+    DensityBaseline,
+    GeometryPrior,
+    ceiling_maps,
+    density_features,
+)
+from ctpm.evaluation.defects import (
+    DEFAULT_MIN_DEFECT_ML,
+    PatientRegions,
+    defect_metrics,
+    patient_regions,
+)
 from ctpm.evaluation.regions import DEFAULT_SPECT_FWHM_MM, patient_fwhm_mm
 from ctpm.evaluation.stats import pearson_r
 from ctpm.metrics import functional_dice, spearman_r
@@ -263,7 +273,7 @@ def evaluate(
         regions = patient_regions(gv, fwhm, threshold, min_defect_ml)
         info["spect_fwhm_mm"] = fwhm
 
-        def score(volume: np.ndarray) -> dict[str, Any]:
+        def score(volume: np.ndarray, gv=gv, info=info, regions=regions) -> dict[str, Any]:
             return {**info, **map_metrics(gv, volume, threshold, regions=regions)}
 
         pred = gv.on_grid(pred_paths[p.patient_id], min_coverage=min_coverage)

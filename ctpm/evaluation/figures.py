@@ -11,7 +11,13 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from ctpm.evaluation.stats import LOBES, format_p, includes_zero, lobe_agreement, paired_comparison
+from ctpm.evaluation.stats import (
+    LOBES,
+    format_p,
+    includes_zero,
+    lobe_agreement,
+    paired_comparison,
+)
 
 
 def slice_panel(ct: np.ndarray, spect: np.ndarray, pred: np.ndarray, *, title: str | None = None):

@@ -91,7 +91,7 @@ class BootstrapConfig:
     method: str = "BCa"
 
     @classmethod
-    def from_any(cls, cfg: "BootstrapConfig | Mapping[str, Any] | None") -> "BootstrapConfig":
+    def from_any(cls, cfg: BootstrapConfig | Mapping[str, Any] | None) -> BootstrapConfig:
         if cfg is None:
             return cls()
         if isinstance(cfg, cls):
@@ -218,7 +218,7 @@ def lobe_margins(df_a: pd.DataFrame, df_b: pd.DataFrame, cfg: BootstrapConfig | 
     set's ``mean_pred_X`` with ``mean_spect_X`` (set a's SPECT column: both sets share the SPECT),
     and "mean_lobe_r" = the mean over the five lobes of r; each with a paired bootstrap interval
     (the same resampled patients for both sets: the two correlations are dependent)."""
-    cols = [c for c in df_a.columns if c.startswith("mean_pred_") or c.startswith("mean_spect_")]
+    cols = [c for c in df_a.columns if c.startswith(("mean_pred_", "mean_spect_"))]
     joined = pd.merge(df_a[["patient_id"] + cols], df_b[["patient_id"] + [c for c in cols if c.startswith("mean_pred_")
                                                                            and c in df_b.columns]],
                       on="patient_id", suffixes=("_a", "_b"))
