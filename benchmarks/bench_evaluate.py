@@ -79,7 +79,7 @@ def run(quick: bool = False) -> list[dict]:
         quick: the tiny preset, 1 + 2 patients, a 4 mm grid, instead of the demo's small preset
             and preprocessing with 5 + 5 patients.
     """
-    from ctpm.data.synth import synthesise
+    from ctpm.synth import synthesise
 
     preset, n_fit, n_eval = SIZES["quick" if quick else "full"]
     prep = QUICK_PREPROCESSING if quick else DEMO_PREPROCESSING

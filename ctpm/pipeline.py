@@ -313,6 +313,34 @@ def run_study(study: Study, *, synth: dict[str, Any] | None = None, fresh: bool 
     return report
 
 
+def run_seeds(study: Study, seeds: list[int], *, synth: dict[str, Any] | None = None, fresh: bool = False) -> Path:
+    """The whole study once per synthetic cohort seed, each in out/seed-<k>/ (a study folder of the
+    usual shape), then the seeds' summaries side by side with mean and SD across them
+    (out/seeds.md, out/seeds_summary.json). One number from one cohort is one draw of the
+    synthetic world: the spread across seeds is what a claim about the model has to beat."""
+    from ctpm.evaluation.report import write_seed_report
+
+    if not seeds:
+        raise CtpmError("seeds is empty: give at least one synthetic cohort seed, e.g. seeds=[0,1,2]")
+    if Path(study.manifest) != Path(study.out) / "data" / "manifest.csv":
+        raise CtpmError("seeds= runs synthetic cohorts; a study of one's own manifest has a single cohort (leave seeds out)")
+    out = Path(study.out)
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    t0 = time.time()
+    summaries: dict[int, Path] = {}
+    for seed in seeds:
+        one = Study(out / f"seed-{int(seed)}", scale=study.scale, folds=study.folds, workers=study.workers,
+                    train_overrides=list(study.train_overrides))
+        run_study(one, synth={**(synth or {}), "seed": int(seed)})
+        summaries[int(seed)] = one.out / "summary.json"
+    files = write_seed_report(summaries, out, title="ctpm study on synthetic cohorts")
+    _record(out, {"stage": "seeds", "seeds": [int(s) for s in seeds],
+                  "studies": [f"seed-{int(s)}" for s in seeds], "report": files["report"].name})
+    print(f"\nctpm study of {len(seeds)} seed(s) finished in {(time.time() - t0) / 60:.1f} min: {files['report']}")
+    return files["report"]
+
+
 def _record(folder: Path, record: dict[str, Any]) -> dict[str, Any]:
     write_provenance(folder, record)
     return record

@@ -308,8 +308,8 @@ def test_dicom_patient_preprocesses_like_its_nifti(tiny_cohort, tmp_path):
     b = preprocess_patient(dataclasses.replace(p, ct=tmp_path / "ct", spect=tmp_path / "spect"), TINY_PREPROCESSING)
     # the DICOM reader stacks slices along the normal (the NIfTI may run the other way): compare
     # the lungs used in world space
-    ca = nib.as_closest_canonical(nib.Nifti1Image(a.ct_lungs, a.ct_affine))
-    cb = nib.as_closest_canonical(nib.Nifti1Image(b.ct_lungs, b.ct_affine))
+    ca = nib.as_closest_canonical(nib.Nifti1Image(a.ct_lungs, a.ct_grid.affine))
+    cb = nib.as_closest_canonical(nib.Nifti1Image(b.ct_lungs, b.ct_grid.affine))
     np.testing.assert_allclose(cb.affine, ca.affine, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(cb.dataobj), np.asarray(ca.dataobj))
     np.testing.assert_allclose(b.grid_affine, a.grid_affine, atol=1e-4)

@@ -110,3 +110,27 @@ def test_stages_record_provenance_and_are_kept_when_done(tiny_cohort, tmp_path):
         pytest.skip("ctpm-evaluate does not take cache= yet")
     pipeline.evaluate(study)
     assert (study.out / "report.md").is_file() and read_provenance(study.out, "evaluate")
+
+
+def test_seeds_run_one_study_each_and_aggregate(tmp_path, monkeypatch):
+    """seeds=[...]: one whole study per cohort seed in seed-<k>/, each synthesised with its seed,
+    then seeds.md / seeds_summary.json across them (the studies themselves are stood in for here:
+    test_stages_record_provenance_and_are_kept_when_done runs a real one)."""
+    calls = []
+
+    def fake_study(study, *, synth=None, fresh=False):
+        calls.append((Path(study.out).name, synth["seed"], study.scale))
+        r = 0.7 + 0.01 * synth["seed"]
+        Path(study.out).mkdir(parents=True)
+        (Path(study.out) / "summary.json").write_text(json.dumps(
+            {"sets": {"model": {"summary": {"metrics": {"spearman_r": {"mean": r}}}}}}))
+        return Path(study.out) / "report.md"
+
+    monkeypatch.setattr(pipeline, "run_study", fake_study)
+    report = pipeline.run_seeds(Study(tmp_path / "s", scale="demo"), [3, 5], synth={"preset": "tiny", "seed": 0})
+    assert calls == [("seed-3", 3, "demo"), ("seed-5", 5, "demo")]
+    agg = json.loads((tmp_path / "s" / "seeds_summary.json").read_text())
+    assert agg["values"]["sets.model.summary.metrics.spearman_r.mean"]["mean"] == pytest.approx(0.74)
+    assert report.name == "seeds.md" and read_provenance(tmp_path / "s", "seeds")["seeds"] == [3, 5]
+    with pytest.raises(CtpmError, match="seeds"):
+        pipeline.run_seeds(Study(tmp_path / "t"), [])

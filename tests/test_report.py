@@ -242,3 +242,25 @@ def test_no_geometry_prior_no_headline(tmp_path):
                           "density_fit": None}, tmp_path, bootstrap={"n_resamples": 200})
     assert json.loads(files["summary"].read_text())["headline"] is None
     assert "headline margin is not available" in files["report"].read_text()
+
+
+def test_seed_report_mean_and_sd_across_seeds(tmp_path):
+    """seeds.md / seeds_summary.json: every seed's number, and mean and SD (ddof 1) across them."""
+    from ctpm.evaluation.report import write_seed_report
+
+    paths = {}
+    for seed, (r, g) in {0: (0.70, 0.60), 1: (0.74, 0.66), 2: (0.78, 0.63)}.items():
+        summary = {"sets": {"model": {"summary": {"metrics": {"spearman_r": {"mean": r}}}},
+                            "geometry": {"summary": {"metrics": {"spearman_r": {"mean": g}}}}},
+                   "headline": {"metrics": {"spearman_r": {"margin": {"estimate": r - g}}}}}
+        paths[seed] = tmp_path / f"s{seed}.json"
+        paths[seed].write_text(json.dumps(summary))
+    files = write_seed_report(paths, tmp_path)
+    agg = json.loads(files["summary"].read_text())
+    stat = agg["values"]["sets.model.summary.metrics.spearman_r.mean"]
+    assert agg["seeds"] == [0, 1, 2] and stat["n"] == 3
+    assert stat["mean"] == pytest.approx(0.74) and stat["sd"] == pytest.approx(np.std([0.70, 0.74, 0.78], ddof=1))
+    margin = agg["values"]["headline.metrics.spearman_r.margin.estimate"]
+    assert margin["mean"] == pytest.approx(np.mean([0.10, 0.08, 0.15]))
+    text = files["report"].read_text()
+    assert "seed 2" in text and "model: Spearman R | 0.7000 | 0.7400 | 0.7800 | 0.7400 | 0.0400" in text

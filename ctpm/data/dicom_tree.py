@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from ctpm.data.io import atomic_directory, save_nifti
+from ctpm.data.io import atomic_directory, frame_attribute, save_nifti
 from ctpm.data.manifest import _SAFE_ID, COHORTS, write_manifest
 from ctpm.errors import CtpmError
 from ctpm.geometry import LPS_TO_RAS, dicom_affine
@@ -201,25 +201,15 @@ def ct_geometry(s: Series) -> CtGeometry:
                   [str(h.get("SOPInstanceUID", "")) for h in hs], order_uids=True)
 
 
-def _frame_attr(ds, k: int, seq: str, item: str):
-    """Frame k's attribute in its per-frame functional group, else in the shared one."""
-    shared = ds.get("SharedFunctionalGroupsSequence") or [None]
-    for groups in (ds.PerFrameFunctionalGroupsSequence[k], shared[0]):
-        items = getattr(groups, seq, None) if groups is not None else None
-        if items and item in items[0]:
-            return getattr(items[0], item)
-    return None
-
-
 def _enhanced_geometry(ds) -> CtGeometry:
     """The grid of an Enhanced CT file, as ``read_dicom_series`` stacks its frames (by position)."""
     n = int(ds.NumberOfFrames)
     try:
-        iops = np.array([[float(v) for v in _frame_attr(ds, k, "PlaneOrientationSequence", "ImageOrientationPatient")]
+        iops = np.array([[float(v) for v in frame_attribute(ds, k, "PlaneOrientationSequence", "ImageOrientationPatient")]
                          for k in range(n)])
-        pos = np.array([[float(v) for v in _frame_attr(ds, k, "PlanePositionSequence", "ImagePositionPatient")]
+        pos = np.array([[float(v) for v in frame_attribute(ds, k, "PlanePositionSequence", "ImagePositionPatient")]
                         for k in range(n)])
-        dr, dc = (float(v) for v in _frame_attr(ds, 0, "PixelMeasuresSequence", "PixelSpacing"))
+        dr, dc = (float(v) for v in frame_attribute(ds, 0, "PixelMeasuresSequence", "PixelSpacing"))
     except (TypeError, ValueError, IndexError):
         raise CtpmError("Enhanced CT lacks a frame's position, orientation or pixel spacing") from None
     if not np.allclose(iops, iops[0], atol=1e-4):

@@ -315,7 +315,7 @@ def _read_multiframe(f: Path) -> Volume:
     return Volume(vol, affine, meta)
 
 
-def _functional(ds, k: int, seq: str, item: str):
+def frame_attribute(ds, k: int, seq: str, item: str):
     """An attribute of frame k of an enhanced multi-frame image: its per-frame functional group,
     else the shared one (where the standard lets either hold it)."""
     shared = ds.get("SharedFunctionalGroupsSequence") or [None]
@@ -335,11 +335,11 @@ def _read_enhanced(f: Path) -> Volume:
         raise CtpmError(f"multi-frame DICOM has pixel array of shape {px.shape}", path=f)
     n = px.shape[0]
     try:
-        iops = np.array([[float(v) for v in _functional(ds, k, "PlaneOrientationSequence", "ImageOrientationPatient")]
+        iops = np.array([[float(v) for v in frame_attribute(ds, k, "PlaneOrientationSequence", "ImageOrientationPatient")]
                          for k in range(n)])
-        ipps = np.array([[float(v) for v in _functional(ds, k, "PlanePositionSequence", "ImagePositionPatient")]
+        ipps = np.array([[float(v) for v in frame_attribute(ds, k, "PlanePositionSequence", "ImagePositionPatient")]
                          for k in range(n)])
-        dr, dc = (float(v) for v in _functional(ds, 0, "PixelMeasuresSequence", "PixelSpacing"))
+        dr, dc = (float(v) for v in frame_attribute(ds, 0, "PixelMeasuresSequence", "PixelSpacing"))
     except (TypeError, ValueError, IndexError):
         raise CtpmError("enhanced multi-frame DICOM lacks a frame's position, orientation or pixel spacing",
                         path=f) from None
@@ -351,8 +351,8 @@ def _read_enhanced(f: Path) -> Volume:
                          "enhanced multi-frame DICOM frames")
     vol = np.empty((px.shape[2], px.shape[1], n), np.float32)
     for k, src in enumerate(order):
-        slope = _functional(ds, int(src), "PixelValueTransformationSequence", "RescaleSlope")
-        intercept = _functional(ds, int(src), "PixelValueTransformationSequence", "RescaleIntercept")
+        slope = frame_attribute(ds, int(src), "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = frame_attribute(ds, int(src), "PixelValueTransformationSequence", "RescaleIntercept")
         if slope is None and intercept is None:  # not in the groups: the top-level attributes, if any
             slope, intercept = ds.get("RescaleSlope", 1.0), ds.get("RescaleIntercept", 0.0)
         frame = px[src].astype(np.float32) * float(slope if slope is not None else 1.0)

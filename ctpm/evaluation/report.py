@@ -621,3 +621,49 @@ def write_report(result: Mapping[str, Any], out_dir: str | Path, *, labels: Mapp
         if path not in written.values():
             path.unlink(missing_ok=True)
     return written
+
+
+# --------------------------------------------------------------------------------------------------
+# Several synthetic cohorts (seeds): mean and SD across them
+# --------------------------------------------------------------------------------------------------
+
+#: The numbers of one evaluation that the seeds table reports, as (row label, summary.json path).
+SEED_ROWS = tuple(
+    [(f"{name}: {METRIC_NAMES[m]}", f"sets.{name}.summary.metrics.{m}.mean")
+     for name in ("model", "baseline", "geometry", "density", "truth_psf")
+     for m in ("spearman_r", "spearman_r_interior", "dice_high", "dice_low")]
+    + [(f"{name}: mean lobe r", f"sets.{name}.mean_lobe_r.estimate") for name in ("model", "geometry", "density")]
+    + [(f"margin over the geometry prior: {METRIC_NAMES[m]}", f"headline.metrics.{m}.margin.estimate")
+       for m in ("spearman_r", "spearman_r_interior", "dice_high", "dice_low")]
+    + [("margin over the geometry prior: mean lobe r", "headline.metrics.mean_lobe_r.margin.estimate"),
+       ("fine-tuned - pretrained only: Spearman R", "paired.model_vs_baseline.spearman_r.ci.estimate")]
+)
+
+
+def write_seed_report(summaries: Mapping[int, str | Path], out_dir: str | Path, *, title: str = "ctpm study") -> dict[str, Path]:
+    """``seeds_summary.json`` (every number of the seeds' summary.json files, mean and SD across
+    them: :func:`ctpm.evaluation.stats.aggregate_seeds`) and ``seeds.md`` (the headline numbers,
+    a column per seed, then mean and SD) for the evaluations of several synthetic cohorts."""
+    from ctpm.evaluation.stats import numeric_leaves, aggregate_seeds
+
+    out_dir = Path(out_dir)
+    seeds = sorted(summaries)
+    agg = aggregate_seeds([summaries[s] for s in seeds])
+    agg["seeds"] = seeds
+    per_seed = [numeric_leaves(json.loads(Path(summaries[s]).read_text())) for s in seeds]
+    lines = [f"# {title}: {len(seeds)} synthetic cohort(s)", "",
+             f"Seeds {', '.join(map(str, seeds))}: each a whole study (its own cohorts, training and evaluation, "
+             "in `seed-<k>/`); every figure a cohort mean over its patients; mean and SD (ddof 1) across the seeds.", ""]
+    header = ["", *[f"seed {s}" for s in seeds], "mean", "SD"]
+    rows = []
+    for label, key in SEED_ROWS:
+        stat = agg["values"].get(key)
+        if stat is None:
+            continue
+        vals = [_num(p.get(key)) for p in per_seed]
+        rows.append([label, *vals, _num(stat["mean"]), _num(stat["sd"]) if stat["n"] > 1 else "n/a"])
+    lines += _table(header, rows)
+    files = {"summary": _write_atomic(out_dir / "seeds_summary.json", json.dumps(json_safe(agg), indent=1)),
+             "report": _write_atomic(out_dir / "seeds.md", "\n".join(lines) + "\n")}
+    return files
+

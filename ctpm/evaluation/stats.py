@@ -280,12 +280,12 @@ def mean_lobe_r(df: pd.DataFrame, cfg: BootstrapConfig | Mapping[str, Any] | Non
 # --------------------------------------------------------------------------------------------------
 
 
-def _numeric_leaves(obj: Any, prefix: str = "") -> dict[str, float]:
+def numeric_leaves(obj: Any, prefix: str = "") -> dict[str, float]:
     """Every number of a JSON document by its dotted path (booleans and strings left out)."""
     out: dict[str, float] = {}
     if isinstance(obj, Mapping):
         for k, v in obj.items():
-            out.update(_numeric_leaves(v, f"{prefix}{k}."))
+            out.update(numeric_leaves(v, f"{prefix}{k}."))
     elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
         out[prefix[:-1]] = float(obj)
     return out
@@ -302,7 +302,7 @@ def aggregate_seeds(paths: Sequence[str | Path]) -> dict[str, Any]:
         raise ValueError("aggregate_seeds needs at least one summary.json")
     leaves = []
     for path in paths:
-        leaves.append(_numeric_leaves(json.loads(Path(path).read_text())))
+        leaves.append(numeric_leaves(json.loads(Path(path).read_text())))
     keys = sorted(set().union(*leaves))
     values = {}
     for key in keys:
