@@ -348,3 +348,90 @@ def _save_atomic(ds, path: Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a plan's RT Structure Set back onto the CT grid
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StructureSet:
+    """An RT Structure Set as far as rasterising it needs: its frame of reference and, per ROI
+    name, the contours ((M, 3) patient LPS mm, closed planar)."""
+
+    path: Path
+    frame_of_reference_uid: str
+    contours: dict[str, list[np.ndarray]]
+
+
+def read_structure_set(path: str | Path, *, patient: str | None = None) -> StructureSet:
+    """The ROIs and frame of reference of an RT Structure Set file (the plan's ``RS*.dcm``)."""
+    import pydicom
+
+    path = Path(path)
+    if not path.is_file():
+        raise CtpmError("RT Structure Set file does not exist", patient=patient, path=path)
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
+        raise CtpmError(f"cannot read the DICOM file ({type(exc).__name__}: {exc})", patient=patient, path=path) from None
+    if ds.get("Modality") != "RTSTRUCT":
+        raise CtpmError(f"not an RT Structure Set (Modality {ds.get('Modality', 'missing')})", patient=patient, path=path)
+    frames = {str(f.FrameOfReferenceUID) for f in ds.get("ReferencedFrameOfReferenceSequence", [])}
+    frames |= {str(r.ReferencedFrameOfReferenceUID) for r in ds.get("StructureSetROISequence", [])
+               if "ReferencedFrameOfReferenceUID" in r}
+    if len(frames) != 1:
+        raise CtpmError(f"the RT Structure Set names {len(frames)} frames of reference; one is needed",
+                        patient=patient, path=path)
+    names = {int(r.ROINumber): str(r.ROIName) for r in ds.get("StructureSetROISequence", [])}
+    contours: dict[str, list[np.ndarray]] = {name: [] for name in names.values()}
+    for item in ds.get("ROIContourSequence", []):
+        name = names.get(int(item.ReferencedROINumber))
+        if name is None:
+            continue
+        for c in item.get("ContourSequence", []):
+            if str(c.get("ContourGeometricType", "CLOSED_PLANAR")).upper() != "CLOSED_PLANAR":
+                continue  # points and open lines enclose no volume
+            contours[name].append(np.asarray([float(v) for v in c.ContourData], np.float64).reshape(-1, 3))
+    return StructureSet(path, frames.pop(), contours)
+
+
+def rasterise_rois(structures: StructureSet, names: Sequence[str], grid_affine: np.ndarray,
+                   shape: Sequence[int], *, patient: str | None = None) -> np.ndarray:
+    """The union of the ROIs `names` as a mask on an axial grid (I, J, K) with the RAS `grid_affine`:
+    each contour filled at the voxel centres of its slice, the contours of one ROI on one slice
+    combined by the even-odd rule (a hole is a contour inside another), as TPSs read them. A
+    contour lies on the slice nearest its plane; one more than a quarter voxel off every slice is
+    refused (the structures belong to another CT)."""
+    from matplotlib.path import Path as Polygon
+
+    shape = tuple(int(n) for n in shape)
+    missing = [n for n in names if n not in structures.contours]
+    if missing:
+        raise CtpmError(f"the RT Structure Set has no ROI {', '.join(map(repr, missing))}; it holds "
+                        f"{', '.join(map(repr, sorted(structures.contours))) or 'none'}",
+                        patient=patient, path=structures.path)
+    to_index = np.linalg.inv(LPS_TO_RAS @ np.asarray(grid_affine, np.float64))
+    out = np.zeros(shape, bool)
+    for name in names:
+        if not structures.contours[name]:
+            raise CtpmError(f"ROI {name!r} has no closed contours", patient=patient, path=structures.path)
+        roi = np.zeros(shape, bool)
+        for lps in structures.contours[name]:
+            ijk = lps @ to_index[:3, :3].T + to_index[:3, 3]
+            k = int(np.rint(ijk[:, 2].mean()))
+            if np.max(np.abs(ijk[:, 2] - k)) > 0.25 or not 0 <= k < shape[2]:
+                raise CtpmError(f"ROI {name!r} has a contour off the CT's slices (at slice index "
+                                f"{ijk[:, 2].mean():.2f}); are these the structures of this CT?",
+                                patient=patient, path=structures.path)
+            # only the centres in the contour's box can lie inside it
+            lo = np.maximum(np.floor(ijk[:, :2].min(0)).astype(int), 0)
+            hi = np.minimum(np.ceil(ijk[:, :2].max(0)).astype(int) + 1, shape[:2])
+            if np.any(hi <= lo):
+                continue
+            box = np.stack(np.meshgrid(np.arange(lo[0], hi[0]), np.arange(lo[1], hi[1]), indexing="ij"), -1)
+            inside = Polygon(ijk[:, :2]).contains_points(box.reshape(-1, 2)).reshape(box.shape[:2])
+            roi[lo[0]:hi[0], lo[1]:hi[1], k] ^= inside
+        out |= roi
+    return out
