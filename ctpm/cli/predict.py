@@ -12,6 +12,19 @@ from omegaconf import DictConfig, OmegaConf
 from ctpm.cli._common import CONF_DIR, user_errors
 from ctpm.data.manifest import load_manifest
 from ctpm.errors import CtpmError
+from ctpm.provenance import resolve_checkpoints, write_provenance
+
+
+def checkpoints(spec) -> list[Path]:
+    """ckpt= as checkpoint files: each entry a file, a run folder or a fold multirun folder
+    (``ctpm.provenance.resolve_checkpoints``)."""
+    entries = list(spec) if OmegaConf.is_list(spec) or isinstance(spec, (list, tuple)) else [spec]
+    out: list[Path] = []
+    for entry in entries:
+        out += [c for c in resolve_checkpoints(str(entry)) if c not in out]
+    if not out:
+        raise CtpmError("give at least one checkpoint: ckpt=PATH, ckpt=RUN_DIR or ckpt=[PATH,PATH]")
+    return out
 
 
 def _patients(cfg: DictConfig) -> list[dict]:
@@ -39,9 +52,12 @@ def run(cfg: DictConfig) -> list[dict]:
     if existing and not cfg.overwrite:
         raise CtpmError(f"{len(existing)} prediction(s) exist already (e.g. {existing[0]}.nii.gz); "
                         "choose another out= or pass overwrite=true", path=out)
-    ckpts = cfg.ckpt if OmegaConf.is_list(cfg.ckpt) else [cfg.ckpt]
+    ckpts = checkpoints(cfg.ckpt)
+    if cfg.dicom_identity not in ("anonymous", "copy"):
+        raise CtpmError(f"dicom_identity must be anonymous or copy, not {cfg.dicom_identity!r}")
     predictor = Predictor([str(c) for c in ckpts], device=cfg.device, flip_tta=bool(cfg.flip_tta),
                           threshold=float(cfg.threshold), preprocessing=OmegaConf.to_container(cfg.preprocessing))
+    print(f"ctpm-predict: {len(ckpts)} model(s): " + ", ".join(str(c) for c in ckpts))
     rows, failed = [], []
     for p in tqdm(patients, desc="ctpm-predict", unit="patient", disable=not cfg.progress or len(patients) < 2):
         try:
@@ -55,7 +71,8 @@ def run(cfg: DictConfig) -> list[dict]:
         if cfg.dicom:
             from ctpm.data.dicom_export import write_prediction_dicom
 
-            write_prediction_dicom(p["ct"], pred.perfusion, pred.functional, pred.affine, out, pred.patient_id)
+            write_prediction_dicom(p["ct"], pred.perfusion, pred.functional, pred.affine, out, pred.patient_id,
+                                   lungs=pred.lungs, identity=str(cfg.dicom_identity))
         inside = pred.functional > 0
         rows.append({"patient_id": pred.patient_id, **{k: round(v, 2) for k, v in pred.volumes_ml().items()},
                      "mean_perfusion": round(float(pred.perfusion[inside].mean()) if inside.any() else 0.0, 4)})
@@ -64,6 +81,11 @@ def run(cfg: DictConfig) -> list[dict]:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
+        write_provenance(out, {"stage": "predict", "checkpoints": [str(Path(c).absolute()) for c in ckpts],
+                               "preprocessing": predictor.cfg.to_dict(), "threshold": float(cfg.threshold),
+                               "flip_tta": bool(cfg.flip_tta), "patients": [r["patient_id"] for r in rows],
+                               "manifest": str(cfg.manifest) if cfg.manifest else None,
+                               "ct": str(cfg.ct) if cfg.ct else None})
     print(f"ctpm-predict: {len(rows)} patient(s) with {len(ckpts)} model(s) on {predictor.device} -> {out}")
     if failed:
         raise CtpmError(f"{len(failed)} of {len(patients)} patients could not be predicted:\n  " + "\n  ".join(failed))

@@ -15,7 +15,7 @@ import hydra
 import numpy as np
 import torch
 
-from ctpm.data.io import save_nifti
+from ctpm.data.io import DESCRIPTIONS, save_nifti
 from ctpm.data.preprocess import Preprocessed, preprocess_patient, restore_to_ct, restore_to_grid
 from ctpm.data.transforms import PreprocessConfig
 from ctpm.errors import CtpmError
@@ -112,12 +112,20 @@ class Predictor:
 
 
 def write_prediction(pred: Prediction, out: Path) -> dict[str, Path]:
-    """<id>.nii.gz (perfusion), <id>_functional.nii.gz (1 low, 2 high) and <id>_std.nii.gz."""
+    """<id>.nii.gz (perfusion), <id>_functional.nii.gz (1 low, 2 high), <id>_lungs.nii.gz (1 right,
+    2 left: the lungs the maps were made in, e.g. for ctpm-flart) and <id>_std.nii.gz, in the CT's
+    geometry; the header's descrip says which map a file is (``ctpm.data.io.DESCRIPTIONS``)."""
     out.mkdir(parents=True, exist_ok=True)
+    pid = pred.patient_id
     files = {
-        "perfusion": save_nifti(pred.perfusion, pred.affine, out / f"{pred.patient_id}.nii.gz", np.float32),
-        "functional": save_nifti(pred.functional, pred.affine, out / f"{pred.patient_id}_functional.nii.gz", np.uint8),
+        "perfusion": save_nifti(pred.perfusion, pred.affine, out / f"{pid}.nii.gz", np.float32,
+                                description=DESCRIPTIONS["perfusion"]),
+        "functional": save_nifti(pred.functional, pred.affine, out / f"{pid}_functional.nii.gz", np.uint8,
+                                 description=DESCRIPTIONS["functional"]),
+        "lungs": save_nifti(pred.lungs, pred.affine, out / f"{pid}_lungs.nii.gz", np.uint8,
+                            description=DESCRIPTIONS["lungs"]),
     }
     if pred.std is not None:
-        files["std"] = save_nifti(pred.std, pred.affine, out / f"{pred.patient_id}_std.nii.gz", np.float32)
+        files["std"] = save_nifti(pred.std, pred.affine, out / f"{pid}_std.nii.gz", np.float32,
+                                  description=DESCRIPTIONS["std"])
     return files
