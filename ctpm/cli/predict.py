@@ -36,9 +36,28 @@ def _patients(cfg: DictConfig) -> list[dict]:
         p = {"patient_id": pid, "ct": ct}
         if cfg.lung_mask:
             p["lung_mask"] = Path(cfg.lung_mask)
-        return [p]
+        return [p], {pid: Path(cfg.lobes)} if cfg.lobes else {}
     m = load_manifest(cfg.manifest, require_spect=False, cohort=cfg.cohort)
-    return [{"patient_id": p.patient_id, "ct": p.ct, **({"lung_mask": p.lung_mask} if p.lung_mask else {})} for p in m]
+    patients = [{"patient_id": p.patient_id, "ct": p.ct, **({"lung_mask": p.lung_mask} if p.lung_mask else {})}
+                for p in m]
+    return patients, {p.patient_id: p.lobes for p in m if p.lobes is not None}
+
+
+def _qa(pred, ct_path: Path, lobes_path: Path | None, out: Path, threshold: float) -> dict:
+    """<id>_qa.png of one prediction; returns its table (volumes, mean perfusion per lung / lobe)."""
+    from ctpm.data.io import load_image
+    from ctpm.evaluation.qa import QaInput, qa_table, write_qa
+    from ctpm.geometry import Grid, resample_labels
+
+    ct = load_image(ct_path, kind="ct", patient=pred.patient_id)
+    lobes = None
+    if lobes_path is not None:
+        lv = load_image(lobes_path, kind="label", patient=pred.patient_id)
+        lobes = resample_labels(lv.array, lv.grid, Grid(pred.affine, pred.functional.shape))
+    q = QaInput(pred.patient_id, ct.array, pred.perfusion, pred.functional, pred.lungs, pred.affine,
+                std=pred.std, lobes=lobes)
+    write_qa(q, out, threshold=threshold)
+    return qa_table(q)
 
 
 def run(cfg: DictConfig) -> list[dict]:
@@ -47,7 +66,7 @@ def run(cfg: DictConfig) -> list[dict]:
     from ctpm.lightning.predictor import Predictor, write_prediction
 
     out = Path(cfg.out)
-    patients = _patients(cfg)
+    patients, lobes = _patients(cfg)
     existing = [p["patient_id"] for p in patients if (out / f"{p['patient_id']}.nii.gz").exists()]
     if existing and not cfg.overwrite:
         raise CtpmError(f"{len(existing)} prediction(s) exist already (e.g. {existing[0]}.nii.gz); "
@@ -74,11 +93,15 @@ def run(cfg: DictConfig) -> list[dict]:
             write_prediction_dicom(p["ct"], pred.perfusion, pred.functional, pred.affine, out, pred.patient_id,
                                    lungs=pred.lungs, identity=str(cfg.dicom_identity))
         inside = pred.functional > 0
-        rows.append({"patient_id": pred.patient_id, **{k: round(v, 2) for k, v in pred.volumes_ml().items()},
-                     "mean_perfusion": round(float(pred.perfusion[inside].mean()) if inside.any() else 0.0, 4)})
+        row = {"patient_id": pred.patient_id, **{k: round(v, 2) for k, v in pred.volumes_ml().items()},
+               "mean_perfusion": round(float(pred.perfusion[inside].mean()) if inside.any() else 0.0, 4)}
+        if cfg.qa:
+            table = _qa(pred, Path(p["ct"]), lobes.get(pred.patient_id), out, float(cfg.threshold))
+            row.update({k: round(v, 4) for k, v in table.items() if k not in row and not k.endswith("_lungs")})
+        rows.append(row)
     if rows:
         with (out / "predictions.csv").open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
             w.writeheader()
             w.writerows(rows)
         write_provenance(out, {"stage": "predict", "checkpoints": [str(Path(c).absolute()) for c in ckpts],
@@ -86,6 +109,10 @@ def run(cfg: DictConfig) -> list[dict]:
                                "flip_tta": bool(cfg.flip_tta), "patients": [r["patient_id"] for r in rows],
                                "manifest": str(cfg.manifest) if cfg.manifest else None,
                                "ct": str(cfg.ct) if cfg.ct else None})
+        if cfg.qa:
+            from ctpm.evaluation.qa import write_index
+
+            write_index(out, rows, models=[str(c) for c in ckpts])
     print(f"ctpm-predict: {len(rows)} patient(s) with {len(ckpts)} model(s) on {predictor.device} -> {out}")
     if failed:
         raise CtpmError(f"{len(failed)} of {len(patients)} patients could not be predicted:\n  " + "\n  ".join(failed))
