@@ -37,9 +37,9 @@ QUICK_NET = {"base_channels": 4, "depth": 3}
 QUICK_PREPROCESSING = {"spacing": [4.0, 4.0, 4.0], "roi_size": [32, 16, 16]}
 BREAKDOWN = {  # the child's result key: what it times ({roi}: the ROI size)
     "load checkpoint": "load the checkpoint (Predictor)",
-    "preprocess": "preprocess_patient (CT only, keep_grid)",
+    "preprocess": "preprocess_patient (CT only: the record)",
     "network": "network (Predictor.roi_maps), both lungs at {roi}",
-    "restore + write": "restore to the CT grid + write the maps",
+    "restore + write": "restore (ROIs -> evaluation grid -> CT grid) + write the maps",
 }
 
 

@@ -164,10 +164,9 @@ def loader_samples_per_s(plan: Plan) -> tuple[float, int]:
                               with_dose=settings["with_dose"], progress=False)
         patients = load_manifest(manifest).patients
         cache = PreprocessCache(Path(tmp) / "cache", plan.preprocessing)
-        status, _ = cache.ensure(patients, progress=False)
-        failed = [f"{pid}: {s}" for pid, s in status.items() if s.startswith("failed")]
-        if failed:
-            raise RuntimeError("could not build the loader's cache: " + "; ".join(failed))
+        built = cache.ensure(patients, progress=False)
+        if built.failed:
+            raise RuntimeError("could not build the loader's cache: " + built.message("preprocessed"))
         dataset = LungDataset(cache, [p.patient_id for p in patients])
         loader = DataLoader(dataset, batch_size=BATCH, num_workers=0)
         for _ in loader:  # the first epoch faults the memory-mapped entries in

@@ -2,7 +2,7 @@
 
     python -m benchmarks.run [--quick] [--only NAME ...] [--readme README.md] [--json PATH]
 
-Benchmarks (``--only`` takes these names): metrics, synth, preprocess, predict, train. Each is a
+Benchmarks (``--only`` takes these names): metrics, synth, preprocess, evaluate, predict, train. Each is a
 module ``benchmarks.bench_<name>`` whose ``run(quick)`` returns table rows; every figure is either
 a ratio or comes with a reference measured in the same run, because the machines these numbers
 come from are shared and their absolute speed varies from hour to hour.
@@ -38,8 +38,10 @@ BENCHES = {
     "metrics": "benchmarks.bench_metrics",
     "synth": "benchmarks.bench_synth",
     "preprocess": "benchmarks.bench_preprocess",
+    "evaluate": "benchmarks.bench_evaluate",
     "predict": "benchmarks.bench_predict",
     "train": "benchmarks.bench_train",
+    "registration": "benchmarks.bench_registration",
 }
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 ROW_KEYS = ("benchmark", "measure", "value", "unit", "reference", "reference_value", "ratio", "target", "ok")

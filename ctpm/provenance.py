@@ -143,8 +143,7 @@ def resolve_checkpoints(spec: str | Path) -> list[Path]:
         found = [resolve_checkpoint(path)]
     else:
         runs = sorted((p.parent for p in path.glob(f"**/{PROVENANCE}")), key=lambda d: str(d))
-        records = [(d, read_provenance(d)) for d in runs]
-        records = [(d, r) for d, r in records if r.get("checkpoint")]
+        records = [(d, r) for d in runs if (r := _training_record(d)) is not None]
         if not records:
             raise CtpmError(f"no finished training run below this folder (no {PROVENANCE} recording a checkpoint); "
                             "give checkpoint files: ckpt=[A.ckpt,B.ckpt]", path=path)
@@ -160,3 +159,13 @@ def resolve_checkpoints(spec: str | Path) -> list[Path]:
     if gone:
         raise CtpmError(f"recorded checkpoint(s) are gone: {', '.join(gone)}", path=path)
     return found
+
+
+def _training_record(folder: Path) -> dict[str, Any] | None:
+    """A finished training run's record below a multirun folder, or None for anything else there
+    (a prediction set's provenance, a run that recorded no checkpoint)."""
+    try:
+        record = read_provenance(folder)
+    except CtpmError:
+        return None
+    return record if record and record.get("checkpoint") else None

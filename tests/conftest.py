@@ -56,8 +56,8 @@ def tiny_cache(tiny_cohort, tmp_path_factory) -> Path:
     from ctpm.data.manifest import load_manifest
 
     out = tmp_path_factory.mktemp("cache")
-    status, _ = PreprocessCache(out, TINY_PREPROCESSING).ensure(load_manifest(tiny_cohort).patients, progress=False)
-    assert all(s == "built" for s in status.values()), status
+    result = PreprocessCache(out, TINY_PREPROCESSING).ensure(load_manifest(tiny_cohort).patients, progress=False)
+    assert not result.failed and all(s == "built" for s, _ in result.ok.values()), result
     return out
 
 

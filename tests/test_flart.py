@@ -145,6 +145,31 @@ def test_functional_map_is_refused_as_lungs(tmp_path):
     assert flart_patient(f["dose"], f["perfusion"], lungs=ok)["MLD"] == pytest.approx(15.0)
 
 
+def test_spect_is_placed_by_the_cache_entry_registration(tmp_path):
+    """A SPECT stored 2 mm off (its affine shifted, as an unregistered scan is) gives other
+    weights; the registration.json of the lungs' cache entry (matrix: CT point -> SPECT point)
+    puts it back, so the metrics equal those of the SPECT in place."""
+    import json
+
+    f = hand_case(tmp_path)
+    perf = load_image(f["perfusion"], kind="perfusion")
+    in_place = save_nifti(perf.array * 100.0, perf.affine, tmp_path / "spect.nii.gz")
+    shift = np.eye(4)
+    shift[:3, 3] = [2.0, 0.0, 0.0]  # one voxel along x
+    moved = save_nifti(perf.array * 100.0, shift @ perf.affine, tmp_path / "spect_moved.nii.gz")
+    entry = tmp_path / "cache" / "P1" / "0123abcd"
+    entry.mkdir(parents=True)
+    lungs = Path(f["lungs"]).replace(tmp_path / "cache" / "P1" / "lungs.nii.gz")
+    settings = FlartSettings(min_perfusion_coverage=0.5)
+    reference = flart_patient(f["dose"], in_place, lungs=lungs, kind="spect", settings=settings)
+    unregistered = flart_patient(f["dose"], moved, lungs=lungs, kind="spect", settings=settings)
+    assert unregistered["fMLD"] != pytest.approx(reference["fMLD"], abs=0.1)
+    (entry / "registration.json").write_text(json.dumps({"kind": "rigid", "matrix_ras": shift.tolist()}))
+    placed = flart_patient(f["dose"], moved, lungs=lungs, kind="spect", settings=settings)
+    for key in ("fMLD", "fV20", "fMLD_left"):
+        assert placed[key] == pytest.approx(reference[key], abs=1e-4)
+
+
 def test_lobes_alone_give_the_same_lungs_and_sides(tmp_path):
     f = hand_case(tmp_path)
     with_labels = flart_patient(f["dose"], f["perfusion"], lungs=f["lungs"], lobes=f["lobes"])

@@ -13,6 +13,7 @@ import pytest
 import scipy.stats
 import torch
 
+from ctpm.data.cache import PreprocessCache
 from ctpm.data.io import save_nifti
 from ctpm.data.manifest import load_manifest
 from ctpm.errors import CtpmError
@@ -218,3 +219,111 @@ def test_evaluate_cli_report_and_missing_folds(tiny_cohort, tmp_path):
     res = run_cli("ctpm-evaluate", f"manifest={tiny_cohort}", f"predictions=[{fold_dirs[0]},{fold_dirs[0]}]",
                   f"out={tmp_path / 'r2'}", "evaluation.spacing=[4.0,4.0,4.0]", "density_baseline=false")
     assert res.returncode == 2 and "must not overlap" in res.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Records from the cache
+# --------------------------------------------------------------------------------------------------
+
+
+def _spect_predictions(cache: PreprocessCache, patients, folder: Path, noise: float = 0.1) -> Path:
+    rng = np.random.default_rng(2)
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in patients:
+        gv = cache.load(p.patient_id).evaluation(p)
+        save_nifti(np.clip(gv.spect + rng.normal(0, noise, gv.shape), 0, 1), gv.affine, folder / f"{p.patient_id}.nii.gz")
+    return folder
+
+
+@pytest.mark.parametrize("fit", ["noncancer", None])
+def test_evaluate_from_the_cache_never_segments_and_scores_as_computed(tiny_cohort, tiny_cache, tmp_path, monkeypatch, fit):
+    """From the cache: no lung segmentation (nor any preprocessing) for a cached patient, also for
+    the density baseline's fit and leave-one-out; the same rows as the evaluation that computes
+    every patient now."""
+    import ctpm.data.transforms as transforms
+
+    m = load_manifest(tiny_cohort)
+    cache = PreprocessCache(tiny_cache, TINY_PREPROCESSING)
+    preds = _spect_predictions(cache, m.cohort("cancer"), tmp_path / "pred")
+    computed = evaluate(m, preds, cfg=TINY_PREPROCESSING, cohort="cancer", density_fit_cohort=fit, progress=False)
+
+    def no_segmentation(*a, **k):
+        raise AssertionError("lung segmentation ran for a cached patient")
+
+    monkeypatch.setattr(transforms, "segment_lungs", no_segmentation)
+    cached = evaluate(m, preds, cache=cache, cohort="cancer", density_fit_cohort=fit, progress=False)
+    for name in ("model", "density"):
+        a, b = pd.DataFrame(computed["rows"][name]), pd.DataFrame(cached["rows"][name])
+        assert len(b) == 6
+        pd.testing.assert_frame_equal(a, b)
+    assert cached["density_fit"] == computed["density_fit"]
+
+
+def test_evaluate_builds_missing_patients_into_the_cache(tiny_cohort, tmp_path):
+    m = load_manifest(tiny_cohort)
+    cancer = m.cohort("cancer")
+    cache = PreprocessCache(tmp_path / "cache", TINY_PREPROCESSING)
+    cache.ensure(cancer[:2], progress=False)
+    preds = _spect_predictions(cache, cancer[:2], tmp_path / "pred")
+    evaluate(m, preds, cache=cache, cohort="cancer", progress=False)
+    noncancer = [p.patient_id for p in m.cohort("noncancer")]
+    assert all(cache.problem(pid) is None for pid in noncancer)  # the density fit's patients, built
+
+
+def test_evaluate_cli_takes_the_config_of_the_cache(tiny_cohort, tiny_cache, tmp_path):
+    """cache=DIR: the preprocessing comes from the cache (no evaluation.* keys); with two configs
+    there, an error lists them, and an evaluation.* key chooses."""
+    import shutil
+
+    m = load_manifest(tiny_cohort)
+    cache = PreprocessCache(tiny_cache, TINY_PREPROCESSING)
+    preds = _spect_predictions(cache, m.cohort("cancer"), tmp_path / "pred", noise=0.0)
+    local = tmp_path / "cache"
+    shutil.copytree(tiny_cache, local)
+    res = run_cli("ctpm-evaluate", f"manifest={tiny_cohort}", f"predictions={preds}", f"cache={local}",
+                  f"out={tmp_path / 'r1'}", "progress=false")
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = pd.read_csv(tmp_path / "r1" / "metrics.csv")
+    assert len(metrics) == 6 and np.allclose(metrics.spearman_r, 1.0)
+    other = PreprocessCache(local, {**TINY_PREPROCESSING, "roi_size": [16, 8, 8]})
+    (local / f"{other.key}.json").write_text(json.dumps(other.cfg.to_dict()))
+    res = run_cli("ctpm-evaluate", f"manifest={tiny_cohort}", f"predictions={preds}", f"cache={local}",
+                  f"out={tmp_path / 'r2'}", "progress=false")
+    assert res.returncode == 2 and "holds 2 preprocessing configs" in res.stderr and other.key in res.stderr
+    res = run_cli("ctpm-evaluate", f"manifest={tiny_cohort}", f"predictions={preds}", f"cache={local}",
+                  f"out={tmp_path / 'r3'}", "progress=false", "evaluation.roi_size=[32,16,16]", "density_baseline=false")
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_training_writer_and_predictor_write_the_same_map(tiny_cohort, tiny_cache, ckpts, tmp_path):
+    """The inverse is one function: a network's ROI maps of a cached patient written by the
+    training's writer equal what ctpm-predict makes of the CT alone."""
+    from ctpm.lightning.callbacks import write_patient_map
+
+    p = load_manifest(tiny_cohort).cohort("cancer")[2]
+    predictor = Predictor([str(ckpts[0])])
+    rec = PreprocessCache(tiny_cache, TINY_PREPROCESSING).load(p.patient_id)
+    mean, _ = predictor.roi_maps(rec)
+    written = write_patient_map(rec, mean, tmp_path / "w.nii.gz")
+    pred = predictor.predict({"patient_id": p.patient_id, "ct": p.ct})
+    a = np.asarray(nib.load(str(written)).dataobj)
+    assert (a > 0).sum() > 1000
+    np.testing.assert_allclose(a, pred.perfusion, atol=1e-5)
+    np.testing.assert_allclose(nib.load(str(written)).affine, pred.affine, atol=1e-6)
+
+
+def test_prediction_folders_name_their_preprocessing(tiny_cache, tmp_path):
+    """provenance.json beside the training's predictions: the cache hash that ctpm-evaluate cache=
+    picks the records by."""
+    from types import SimpleNamespace
+
+    from ctpm.cli.evaluate import _provenance_hashes
+    from ctpm.lightning.callbacks import PerfusionWriter
+
+    cache = PreprocessCache(tiny_cache, TINY_PREPROCESSING)
+    writer = PerfusionWriter(str(tmp_path / "pred"))
+    writer.written = ["x"]
+    writer.on_predict_end(SimpleNamespace(datamodule=SimpleNamespace(cache=cache), ckpt_path="last.ckpt"), None)
+    info = json.loads((tmp_path / "pred" / "provenance.json").read_text())
+    assert info["preprocessing_hash"] == cache.key and info["checkpoints"] == ["last.ckpt"]
+    assert _provenance_hashes([str(tmp_path / "pred"), str(tmp_path / "none")]) == [cache.key]

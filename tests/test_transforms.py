@@ -1,11 +1,10 @@
 """The preprocessing (Fig. 1B) and its inverse: ROI arrays, SPECT standardisation, restoring maps to
 the evaluation grid and the CT grid, world-space placement of the SPECT, orientation independence,
-a given lung mask, and the JSON form of MONAI transform histories."""
+a given lung mask, and the explicit per-lung inverse against MONAI's own (Invertd)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import nibabel as nib
 import numpy as np
@@ -20,8 +19,9 @@ from ctpm.data.cache import roundtrip_r
 from ctpm.data.io import save_nifti
 from ctpm.data.lungs import LEFT, RIGHT
 from ctpm.data.manifest import load_manifest
-from ctpm.data.preprocess import preprocess_patient, restore_to_ct, restore_to_grid
-from ctpm.data.transforms import IMAGE_KEYS, PreprocessConfig, lung_stage, ops_from_json, ops_to_json, standardise_spect
+from ctpm.data.preprocess import preprocess_patient
+from ctpm.data.record import LungInverse, restore, to_ct
+from ctpm.data.transforms import IMAGE_KEYS, PreprocessConfig, lung_stage, standardise_spect
 from ctpm.errors import CtpmError, CtpmWarning
 from tests.conftest import TINY_PREPROCESSING
 from tests.data_helpers import reorient
@@ -37,7 +37,7 @@ def patients(tiny_cohort):
 
 @pytest.fixture(scope="module")
 def pre(patients):
-    return {inst: preprocess_patient(p, TINY_PREPROCESSING, keep_grid=True) for inst, p in patients.items()}
+    return {inst: preprocess_patient(p, TINY_PREPROCESSING) for inst, p in patients.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,15 +100,14 @@ def test_standardise_spect_by_hand():
 def test_constant_per_lung_restores_to_that_constant(pre):
     p = pre["B"]
     values = {"right": 0.7, "left": 0.3}
-    grid = restore_to_grid({s: np.full(ROI, values[s], np.float32) for s in p.sides}, p.lung_ops, p.grid_lungs,
-                           TINY_PREPROCESSING)
+    grid = restore({s: np.full(ROI, values[s], np.float32) for s in p.sides}, p)
     assert grid.shape == p.grid_lungs.shape
     np.testing.assert_allclose(grid[p.grid_lungs == RIGHT], 0.7, atol=1e-5)
     np.testing.assert_allclose(grid[p.grid_lungs == LEFT], 0.3, atol=1e-5)
     assert not grid[p.grid_lungs == 0].any()
 
-    ct = restore_to_ct(grid, p.grid_lungs, p.grid_affine, p.ct_affine, p.ct_shape)
-    assert ct.shape == p.ct_shape
+    ct = to_ct(grid, p)
+    assert ct.shape == p.ct_grid.shape
     struct = ndi.generate_binary_structure(3, 1)
     for side, v in ((RIGHT, 0.7), (LEFT, 0.3)):
         inner = ndi.binary_erosion(p.ct_lungs == side, structure=struct, iterations=2)
@@ -151,7 +150,7 @@ def test_linear_function_of_world_position_restores_to_itself(pre, inst):
         roi[side] = (z + 0.5 * x + np.zeros(ROI)).astype(np.float32)
         sp = p.grid_affine[0, 0]
         worst = max(worst, 0.5 * max(nz / ROI[0], 1) * sp + 0.25 * max(nx / ROI[2], 1) * sp)
-    grid = restore_to_grid(roi, p.lung_ops, p.grid_lungs, TINY_PREPROCESSING)
+    grid = restore(roi, p)
     ijk = np.argwhere(p.grid_lungs > 0)
     world = ijk @ p.grid_affine[:3, :3].T + p.grid_affine[:3, 3]
     truth = world[:, 2] + 0.5 * world[:, 0]
@@ -159,17 +158,17 @@ def test_linear_function_of_world_position_restores_to_itself(pre, inst):
     assert np.median(err) < 1e-3 and err.max() <= worst + 1e-3, (np.median(err), err.max(), worst)
 
     # ... and on the original CT grid, within one evaluation voxel of interpolation
-    ct = restore_to_ct(grid, p.grid_lungs, p.grid_affine, p.ct_affine, p.ct_shape)
+    ct = to_ct(grid, p)
     inner = ndi.binary_erosion(p.ct_lungs > 0, iterations=2)
     ijk = np.argwhere(inner)
-    world = ijk @ p.ct_affine[:3, :3].T + p.ct_affine[:3, 3]
+    world = p.ct_grid.world(ijk)
     err = np.abs(ct[tuple(ijk.T)] - (world[:, 2] + 0.5 * world[:, 0]))
     assert np.median(err) < 1.0 and err.max() < 1.5 * p.grid_affine[0, 0] + worst, (np.median(err), err.max())
 
 
 @pytest.mark.parametrize("inst", ["A", "B"])
 def test_roundtrip_of_the_standardised_spect(pre, inst):
-    assert roundtrip_r(pre[inst], TINY_PREPROCESSING) >= 0.95
+    assert roundtrip_r(pre[inst]) >= 0.95
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,7 +188,7 @@ def test_spect_lands_where_it_belongs_in_world_space(patients, pre, tmp_path):
     """The same SPECT with its affine moved 32 mm up (8 evaluation voxels): the SPECT on the
     evaluation grid moves 8 voxels up, the values otherwise the same (up to the new percentile)."""
     p0 = pre["A"]
-    p1 = preprocess_patient(_shifted_spect(patients["A"], tmp_path, [0.0, 0.0, 32.0]), TINY_PREPROCESSING, keep_grid=True)
+    p1 = preprocess_patient(_shifted_spect(patients["A"], tmp_path, [0.0, 0.0, 32.0]), TINY_PREPROCESSING)
     assert p1.grid_spect.shape == p0.grid_spect.shape
     np.testing.assert_allclose(p1.grid_affine, p0.grid_affine)
     a = p0.grid_spect[:, :, :-8]  # original at z
@@ -228,7 +227,7 @@ def test_spect_that_misses_the_lung_bases_warns_and_leaves_them_out(patients, pr
     cut = np.percentile(z, 25)
     patient, edge = _spect_above(patients["A"], tmp_path, cut)
     with pytest.warns(CtpmWarning, match=r"patient NC-A-001: spect covers [0-9.]+% of the lungs") as rec:
-        p1 = preprocess_patient(patient, TINY_PREPROCESSING, keep_grid=True)
+        p1 = preprocess_patient(patient, TINY_PREPROCESSING)
     (msg,) = [str(w.message) for w in rec if issubclass(w.category, CtpmWarning)]
     covered = float(msg.split("covers ")[1].split("%")[0])
     assert 60 < covered < 90
@@ -251,10 +250,10 @@ def test_ct_in_another_orientation_gives_the_same_result(patients, pre, tmp_path
     path = save_nifti(arr, aff, tmp_path / "ct_reoriented.nii.gz", dtype=np.int16)
     q = preprocess_patient(dataclasses.replace(p, ct=path), TINY_PREPROCESSING)
     ref = pre["A"]
-    assert q.ct_shape == arr.shape
-    np.testing.assert_allclose(q.ct_affine, aff, atol=1e-6)
+    assert q.ct_grid.shape == arr.shape
+    np.testing.assert_allclose(q.ct_grid.affine, aff, atol=1e-6)
     # the lungs used, in the reoriented CT's own geometry, are the same voxels in world space
-    np.testing.assert_array_equal(q.ct_lungs, reorient(ref.ct_lungs, ref.ct_affine, perm, flips)[0])
+    np.testing.assert_array_equal(q.ct_lungs, reorient(ref.ct_lungs, ref.ct_grid.affine, perm, flips)[0])
     np.testing.assert_allclose(q.grid_affine, ref.grid_affine, atol=1e-5)
     np.testing.assert_array_equal(q.grid_lungs, ref.grid_lungs)
     for name in ("ct", "spect"):
@@ -298,43 +297,35 @@ def test_lung_mask_on_another_grid_is_refused(patients, tmp_path, grid):
 
 
 # --------------------------------------------------------------------------------------------------
-# Transform histories as JSON
+# The explicit inverse against MONAI's own
 # --------------------------------------------------------------------------------------------------
 
 
-def test_ops_json_round_trip_inverts_like_the_live_history():
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_explicit_inverse_matches_invertd_on_the_live_history(side):
+    """The crop box, transpose, flip and ROI size read from the forward's record take a map back
+    exactly as MONAI's Invertd replays the live transform history."""
     rng = np.random.default_rng(0)
     shape = (1, 20, 14, 24)
     lung = np.zeros(shape, np.float32)
     lung[:, 3:17, 2:12, 4:22] = 1
     aff = torch.as_tensor(np.diag([4.0, 4.0, 4.0, 1.0]), dtype=torch.float64)
-    d = {f"{k}_left": MetaTensor(torch.as_tensor(rng.random(shape, dtype=np.float32)), affine=aff.clone())
+    d = {f"{k}_{side}": MetaTensor(torch.as_tensor(rng.random(shape, dtype=np.float32)), affine=aff.clone())
          for k in IMAGE_KEYS}
-    d["lung_left"] = MetaTensor(torch.as_tensor(lung), affine=aff.clone())
+    d[f"lung_{side}"] = MetaTensor(torch.as_tensor(lung), affine=aff.clone())
     cfg = PreprocessConfig(**TINY_PREPROCESSING)
-    stage = lung_stage(cfg, "left", IMAGE_KEYS)
+    stage = lung_stage(cfg, side, IMAGE_KEYS)
     out = stage(d)
-    live = out["ct_left"].applied_operations
+    live = out[f"ct_{side}"].applied_operations
     names = [op[TraceKeys.CLASS_NAME] for op in live]
-    assert names == ["CropForeground", "Transposed", "Resize", "Flip"], names
+    assert names == ["CropForeground", "Transposed", "Resize"] + (["Flip"] if side == "left" else []), names
 
-    text = ops_to_json(live)
-    json.loads(text)  # plain JSON
-    back = ops_from_json(text)
-    assert len(back) == len(live)
-    for a, b in zip(live, back):
-        assert b[TraceKeys.CLASS_NAME] == a[TraceKeys.CLASS_NAME]
-        assert b[TraceKeys.ID] == TraceKeys.NONE  # another process: object ids cannot match
-        assert list(b[TraceKeys.ORIG_SIZE]) == list(a[TraceKeys.ORIG_SIZE])
-    assert ops_to_json(ops_from_json(text)) == ops_to_json(back)  # stable
-
+    inv = LungInverse.from_operations(live, ROI)
+    assert inv.start == (3, 2, 4) and inv.stop == (17, 12, 22) and inv.grid_shape == shape[1:]
+    assert LungInverse.from_json(inv.to_json()) == inv
     pred = torch.as_tensor(rng.random((1, *ROI), dtype=np.float32))
-    inv = Invertd(keys="pred", transform=stage, orig_keys="ct_left", nearest_interp=False)
-    ref = inv({"pred": MetaTensor(pred.clone()), "ct_left": out["ct_left"]})["pred"]
-    # the decoded history inverts through a new stage object, as in another process
-    inv = Invertd(keys="pred", transform=lung_stage(cfg, "left", IMAGE_KEYS), orig_keys="ct_left", nearest_interp=False)
-    carrier = MetaTensor(torch.zeros((1, 1, 1, 1)), affine=torch.eye(4, dtype=torch.float64))
-    carrier.applied_operations = back
-    got = inv({"pred": MetaTensor(pred.clone()), "ct_left": carrier})["pred"]
-    assert tuple(got.shape) == shape
-    np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-6)
+    ref = Invertd(keys="pred", transform=stage, orig_keys=f"ct_{side}", nearest_interp=False)(
+        {"pred": MetaTensor(pred.clone()), f"ct_{side}": out[f"ct_{side}"]})["pred"][0].numpy()
+    got = np.zeros(shape[1:], np.float32)
+    got[3:17, 2:12, 4:22] = inv.to_box(pred[0].numpy())
+    np.testing.assert_allclose(got, ref, atol=1e-6)

@@ -24,7 +24,14 @@ def run(cfg: DictConfig) -> dict:
     baseline = cfg.baseline_predictions
     if OmegaConf.is_list(baseline):
         baseline = OmegaConf.to_container(baseline)
-    result = evaluate(manifest, predictions, cfg=OmegaConf.to_container(cfg.evaluation, resolve=True), cohort=cfg.cohort,
+    prep = OmegaConf.to_container(cfg.evaluation, resolve=True)
+    cache = None
+    if cfg.get("cache"):
+        from ctpm.data.cache import PreprocessCache, select_config
+
+        cache = PreprocessCache(cfg.cache, select_config(cfg.cache, explicit=_explicit_keys(prep),
+                                                         hashes=_provenance_hashes(predictions)))
+    result = evaluate(manifest, predictions, cfg=prep, cache=cache, cohort=cfg.cohort,
                       baseline_predictions=baseline, density_baseline=bool(cfg.density_baseline),
                       density_fit_cohort=cfg.density_fit_cohort, threshold=float(cfg.threshold),
                       splits=cfg.splits, progress=bool(cfg.progress),
@@ -36,6 +43,32 @@ def run(cfg: DictConfig) -> dict:
     if result["missing"]:
         print(f"ctpm-evaluate: warning: {len(result['missing'])} patient(s) without prediction: {', '.join(result['missing'])}")
     return result
+
+
+def _explicit_keys(prep: dict) -> dict:
+    """The preprocessing options set on the command line (evaluation.<key>=...): those that differ
+    from conf/preprocessing/default.yaml."""
+    default = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "preprocessing" / "default.yaml"), resolve=True)
+    return {k: v for k, v in prep.items() if default.get(k) != v}
+
+
+def _provenance_hashes(predictions) -> list[str]:
+    """The preprocessing hashes the prediction folders record (provenance.json, written beside the
+    maps by the training's prediction writer and by ctpm-predict)."""
+    import json
+
+    dirs = predictions if isinstance(predictions, list) else [predictions]
+    out = []
+    for d in dirs:
+        for folder in (sorted(Path().glob(str(d))) if any(c in str(d) for c in "*?[") else [Path(d)]):
+            f = folder / "provenance.json"
+            try:
+                h = json.loads(f.read_text()).get("preprocessing_hash") if f.is_file() else None
+            except (OSError, ValueError):
+                h = None
+            if h:
+                out.append(str(h))
+    return out
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")

@@ -43,7 +43,7 @@ def run(cfg: DictConfig) -> dict:
         curves = {}
         rows = [flart_patient(cfg.dose, cfg.perfusion, lungs=cfg.lungs, lobes=cfg.lobes, kind=cfg.perfusion_kind,
                               patient_id=str(cfg.patient_id), settings=settings, structures=cfg.structures,
-                              lungs_roi=rois, ct=cfg.ct, dvh=curves)]
+                              lungs_roi=rois, ct=cfg.ct, registration=cfg.registration, dvh=curves)]
         summary = summarise(rows, settings.thresholds_gy)
     files = write_flart(rows, summary, out, settings.thresholds_gy)
     if cfg.dvh:

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from ctpm.cli._common import CONF_DIR, user_errors
 from ctpm.data.manifest import load_manifest
 from ctpm.errors import CtpmError
-from ctpm.provenance import resolve_checkpoints, write_provenance
+from ctpm.provenance import resolve_checkpoints
 
 
 def checkpoints(spec) -> list[Path]:
@@ -61,8 +61,7 @@ def _qa(pred, ct_path: Path, lobes_path: Path | None, out: Path, threshold: floa
 
 
 def run(cfg: DictConfig) -> list[dict]:
-    from tqdm.auto import tqdm
-
+    from ctpm.batch import run_batch
     from ctpm.lightning.predictor import Predictor, write_prediction
 
     out = Path(cfg.out)
@@ -77,15 +76,9 @@ def run(cfg: DictConfig) -> list[dict]:
     predictor = Predictor([str(c) for c in ckpts], device=cfg.device, flip_tta=bool(cfg.flip_tta),
                           threshold=float(cfg.threshold), preprocessing=OmegaConf.to_container(cfg.preprocessing))
     print(f"ctpm-predict: {len(ckpts)} model(s): " + ", ".join(str(c) for c in ckpts))
-    rows, failed = [], []
-    for p in tqdm(patients, desc="ctpm-predict", unit="patient", disable=not cfg.progress or len(patients) < 2):
-        try:
-            pred = predictor.predict(p)
-        except CtpmError as err:
-            if len(patients) == 1:
-                raise
-            failed.append(str(err.with_context(patient=p["patient_id"])))
-            continue
+
+    def one(p: dict) -> dict:
+        pred = predictor.predict(p)
         write_prediction(pred, out)
         if cfg.dicom:
             from ctpm.data.dicom_export import write_prediction_dicom
@@ -98,24 +91,26 @@ def run(cfg: DictConfig) -> list[dict]:
         if cfg.qa:
             table = _qa(pred, Path(p["ct"]), lobes.get(pred.patient_id), out, float(cfg.threshold))
             row.update({k: round(v, 4) for k, v in table.items() if k not in row and not k.endswith("_lungs")})
-        rows.append(row)
+        return row
+
+    result = run_batch(one, patients, progress=bool(cfg.progress) and len(patients) > 1, desc="ctpm-predict")
+    if len(patients) == 1:
+        result.raise_if_failed("predicted")
+    rows = list(result.ok.values())
     if rows:
+        from ctpm.lightning.callbacks import write_provenance
+
+        write_provenance(out, predictor.cfg, checkpoints=[str(Path(c).absolute()) for c in ckpts])
         with (out / "predictions.csv").open("w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
             w.writeheader()
             w.writerows(rows)
-        write_provenance(out, {"stage": "predict", "checkpoints": [str(Path(c).absolute()) for c in ckpts],
-                               "preprocessing": predictor.cfg.to_dict(), "threshold": float(cfg.threshold),
-                               "flip_tta": bool(cfg.flip_tta), "patients": [r["patient_id"] for r in rows],
-                               "manifest": str(cfg.manifest) if cfg.manifest else None,
-                               "ct": str(cfg.ct) if cfg.ct else None})
         if cfg.qa:
             from ctpm.evaluation.qa import write_index
 
             write_index(out, rows, models=[str(c) for c in ckpts])
     print(f"ctpm-predict: {len(rows)} patient(s) with {len(ckpts)} model(s) on {predictor.device} -> {out}")
-    if failed:
-        raise CtpmError(f"{len(failed)} of {len(patients)} patients could not be predicted:\n  " + "\n  ".join(failed))
+    result.raise_if_failed("predicted")
     return rows
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import sys
+import json
 from pathlib import Path
 
 import hydra
@@ -11,7 +11,6 @@ from omegaconf import DictConfig
 
 from ctpm.cli._common import CONF_DIR, user_errors
 from ctpm.data.manifest import load_manifest
-from ctpm.errors import CtpmError
 
 
 def run(cfg: DictConfig) -> dict[str, str]:
@@ -21,13 +20,16 @@ def run(cfg: DictConfig) -> dict[str, str]:
     from ctpm.data.cache import PreprocessCache
 
     cache = PreprocessCache(cfg.out, cfg.preprocessing)
-    status, rt = cache.ensure(
+    result = cache.ensure(
         manifest.patients, workers=int(cfg.workers), progress=bool(cfg.progress), roundtrip=bool(cfg.roundtrip)
     )
     counts: dict[str, int] = {}
-    for s in status.values():
-        counts[s.split(":")[0]] = counts.get(s.split(":")[0], 0) + 1
+    for status, _ in result.ok.values():
+        counts[status] = counts.get(status, 0) + 1
+    if result.failed:
+        counts["failed"] = len(result.failed)
     print(f"cache {cache.root} (config {cache.key}): " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    rt = {pid: r for pid, (_, r) in result.ok.items() if r is not None}
     if cfg.roundtrip and rt:
         path = Path(cfg.out) / "roundtrip.csv"
         tmp = path.with_name(".roundtrip.csv.tmp")
@@ -40,14 +42,16 @@ def run(cfg: DictConfig) -> dict[str, str]:
         tmp.replace(path)
         vals = sorted(rt.values())
         print(f"roundtrip Spearman R (the ceiling at roi_size): min {vals[0]:.4f}, mean {sum(vals) / len(vals):.4f} -> {path}")
-    failed = [s[len("failed: "):] for s in status.values() if s.startswith("failed")]
-    if len(failed) == 1:  # one line that names the patient and the file
-        others = len(status) - 1
-        raise CtpmError(failed[0] + (f" (the other {others} patient(s) are in the cache)" if others else ""))
-    if failed:
-        lines = "\n  ".join(failed)
-        raise CtpmError(f"{len(failed)} of {len(status)} patients could not be preprocessed:\n  {lines}")
-    return status
+    if cache.cfg.register_spect != "none":  # the cohort's SPECT-to-CT transforms, one table
+        from ctpm.data.registration import write_registration_table
+
+        found = [cache.entry_dir(p.patient_id) / "registration.json" for p in manifest.patients]
+        table = write_registration_table([json.loads(f.read_text()) for f in found if f.is_file()],
+                                         Path(cfg.out) / "registration.csv")
+        print(f"SPECT-to-CT registration ({cache.cfg.register_spect}) of {sum(f.is_file() for f in found)} patient(s) -> {table}")
+    others = len(result.ok)
+    result.raise_if_failed("preprocessed", note=f"the other {others} patient(s) are in the cache" if others else None)
+    return {pid: status for pid, (status, _) in result.ok.items()}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="preprocess")

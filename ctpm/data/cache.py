@@ -1,17 +1,24 @@
-"""The preprocessing cache: one entry per patient, keyed by a hash of the preprocessing config.
+"""The preprocessing cache: one ``PatientRecord`` per patient, keyed by a hash of the preprocessing config.
 
 Layout under the cache folder (``ctpm-preprocess out=DIR``)::
 
-    DIR/<patient>/lungs.nii.gz           lung labels used (1 right, 2 left) in the CT's geometry, for QA
-    DIR/<patient>/<config-hash>/          one entry per preprocessing config
-        ct.npy spect.npy lung.npy mask.npy   (sides, D, H, W), memory-mapped on load
-        grid_lungs.npz                       lung labels on the evaluation grid (for the inverse)
-        meta.json                            geometry, transform history, checksums
-    DIR/<config-hash>.json                the config behind a hash, for people
+    DIR/<patient>/lungs.nii.gz           the lungs used (1 right, 2 left) in the CT's geometry, for QA:
+                                         a copy of the entry's own, written before the entry is committed
+    DIR/<patient>/<config-hash>/          one entry (one record) per preprocessing config
+        ct.npy spect.npy lung.npy mask.npy   per lung (sides, D, H, W) at roi_size
+        grid_ct.npy grid_spect.npy grid_mask.npy grid_lungs.npy [grid_lobes.npy grid_truth.npy]
+                                             the evaluation grid (HU, standardised SPECT, masks, lobes, truth)
+        lungs.nii.gz ct_mask.npy             lungs and evaluation mask (bits) on the CT grid
+        registration.json registration_qa.png   with register_spect: the SPECT-to-CT transform, QA overlay
+        meta.json                            geometry (grids, per-lung inverse), SPECT percentile, DICOM
+                                             meta, input fingerprint, checksums of every file
+    DIR/<config-hash>.json                the config behind a hash (ctpm-evaluate cache=DIR reads it)
 
-A changed config has another hash, so it never reads a stale entry. An entry is written into a
-temporary folder and renamed into place, so a killed run leaves nothing that looks complete;
-checksums in meta.json catch entries damaged later, which are then rebuilt.
+Every array is memory-mapped on load. A changed config has another hash, so it never reads a stale
+entry. An entry is written into a temporary folder and renamed into place in one step, the commit
+point of every file of it (the patient's QA copy of the lungs is written before that rename), so a
+killed run leaves nothing that looks complete; checksums in meta.json catch entries damaged
+later, which are then rebuilt, and a rerun restores a missing QA copy.
 """
 
 from __future__ import annotations
@@ -20,65 +27,30 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 
+from ctpm.batch import BatchResult, run_batch
 from ctpm.data.io import atomic_directory, save_nifti
 from ctpm.data.manifest import Patient
-from ctpm.data.preprocess import Preprocessed, preprocess_patient
-from ctpm.data.transforms import PreprocessConfig, ops_from_json, ops_to_json
+from ctpm.data.preprocess import preprocess_patient
+from ctpm.data.record import GRID_ARRAYS, ROI_ARRAYS, LungInverse, PatientRecord, restore
+from ctpm.data.transforms import PreprocessConfig
 from ctpm.errors import CtpmError, warn
+from ctpm.geometry import Grid
 
 # Bump when the code changes what an entry holds for the same config.
-CACHE_VERSION = 3
-ARRAYS = ("ct", "spect", "lung", "mask")
+CACHE_VERSION = 4
+# inputs of a patient whose change makes its entry stale
+INPUTS = ("ct", "spect", "lung_mask", "lobes", "perfusion")
 
 
 def config_hash(cfg: PreprocessConfig) -> str:
     blob = json.dumps({"version": CACHE_VERSION, **cfg.to_dict()}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
-
-
-@dataclass
-class CacheEntry:
-    """A cached patient: per-lung arrays (memory-mapped) and what it takes to invert predictions."""
-
-    patient_id: str
-    path: Path
-    meta: dict[str, Any]
-    ct: np.ndarray
-    lung: np.ndarray
-    mask: np.ndarray
-    spect: np.ndarray | None
-
-    @property
-    def sides(self) -> list[str]:
-        return list(self.meta["sides"])
-
-    def lung_ops(self) -> dict[str, list]:
-        return {s: ops_from_json(json.dumps(o)) for s, o in self.meta["lung_ops"].items()}
-
-    def grid_lungs(self) -> np.ndarray:
-        with np.load(self.path / "grid_lungs.npz") as z:
-            return z["labels"]
-
-    @property
-    def grid_affine(self) -> np.ndarray:
-        return np.asarray(self.meta["grid_affine"], float)
-
-    @property
-    def ct_affine(self) -> np.ndarray:
-        return np.asarray(self.meta["ct_affine"], float)
-
-    @property
-    def ct_shape(self) -> tuple[int, int, int]:
-        return tuple(self.meta["ct_shape"])  # type: ignore[return-value]
 
 
 class PreprocessCache:
@@ -121,51 +93,69 @@ class PreprocessCache:
         return None
 
     # ---- writing ----
-    def write(self, pre: Preprocessed, patient: Patient | None = None) -> Path:
+    def write(self, rec: PatientRecord, patient: Patient | None = None) -> Path:
+        """Write one record as an entry, in one commit (see the module docstring)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / f"{self.key}.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
-        final = self.entry_dir(pre.patient_id)
+        _write_text(self.root / f"{self.key}.json", json.dumps(self.cfg.to_dict(), indent=1))
+        final = self.entry_dir(rec.patient_id)
         with atomic_directory(final, prefix=f".{self.key}.tmp-") as tmp:
-            files: dict[str, Any] = {}
-            arrays = {"ct": pre.ct, "lung": pre.lung, "mask": pre.mask}
-            if pre.spect is not None:
-                arrays["spect"] = pre.spect
-            for name, arr in arrays.items():
-                np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
-            np.savez_compressed(tmp / "grid_lungs.npz", labels=pre.grid_lungs.astype(np.uint8))
-            for f in sorted(tmp.iterdir()):
-                files[f.name] = {"bytes": f.stat().st_size, "crc32": _crc(f)}
+            for name in ROI_ARRAYS + GRID_ARRAYS:
+                arr = getattr(rec, name)
+                if arr is not None:
+                    np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
+            save_nifti(rec.ct_lungs, rec.ct_grid.affine, tmp / "lungs.nii.gz", dtype=np.uint8)
+            np.save(tmp / "ct_mask.npy", np.packbits(np.asarray(rec.ct_mask, bool).ravel()))
+            if rec.registration is not None:  # register_spect: the transform and its QA overlay
+                from ctpm.data.registration import write_qa_png, write_registration_json
+
+                write_registration_json(rec.registration, tmp / "registration.json", patient=rec.patient_id)
+                write_qa_png(rec.registration, tmp / "registration_qa.png", patient=rec.patient_id)
+            files = {f.name: {"bytes": f.stat().st_size, "crc32": _crc(f)} for f in sorted(tmp.iterdir())}
             meta = {
-                "patient_id": pre.patient_id,
+                "patient_id": rec.patient_id,
                 "config_hash": self.key,
                 "version": CACHE_VERSION,
-                "sides": pre.sides,
-                "roi_size": list(pre.ct.shape[1:]),
-                "lung_ops": {s: json.loads(ops_to_json(o)) for s, o in pre.lung_ops.items()},
-                "grid_affine": pre.grid_affine.tolist(),
-                "grid_shape": list(pre.grid_lungs.shape),
-                "ct_shape": list(pre.ct_shape),
-                "ct_affine": np.asarray(pre.ct_affine).tolist(),
-                "spect_percentile": pre.spect_percentile,
-                "dicom": pre.dicom,
+                "sides": rec.sides,
+                "roi_size": list(rec.ct.shape[1:]),
+                "inverse": rec.inverse_json(),
+                "grid_affine": np.asarray(rec.grid_affine).tolist(),
+                "grid_shape": list(rec.grid.shape),
+                "ct_affine": rec.ct_grid.affine.tolist(),
+                "ct_shape": list(rec.ct_grid.shape),
+                "spect_percentile": rec.spect_percentile,
+                "dicom": rec.dicom,
                 "inputs": input_fingerprint(patient) if patient is not None else None,
                 "files": files,
             }
             (tmp / "meta.json").write_text(json.dumps(meta))
-        if pre.ct_lungs is not None:
-            save_nifti(pre.ct_lungs, pre.ct_affine, self.qa_lungs_path(pre.patient_id), dtype=np.uint8)
+            self._copy_qa_lungs(tmp / "lungs.nii.gz", rec.patient_id)  # before the commit
         return final
 
+    def _copy_qa_lungs(self, src: Path, patient_id: str) -> None:
+        dst = self.qa_lungs_path(patient_id)
+        part = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+        shutil.copyfile(src, part)
+        os.replace(part, dst)
+
     # ---- reading ----
-    def load(self, patient_id: str, *, mmap: bool = True) -> CacheEntry:
+    def load(self, patient_id: str, *, mmap: bool = True) -> PatientRecord:
+        """The patient's record, its arrays memory-mapped (read-only)."""
         d = self.entry_dir(patient_id)
         try:
             meta = json.loads((d / "meta.json").read_text())
             mode = "r" if mmap else None
-            arr = {n: np.load(d / f"{n}.npy", mmap_mode=mode) for n in ARRAYS if (d / f"{n}.npy").is_file()}
-        except (OSError, ValueError) as exc:
+            arr = {n: np.load(d / f"{n}.npy", mmap_mode=mode) if (d / f"{n}.npy").is_file() else None
+                   for n in ROI_ARRAYS + GRID_ARRAYS}
+            inverse = {s: LungInverse.from_json(v) for s, v in meta["inverse"].items()}
+        except (OSError, ValueError, KeyError) as exc:
             raise CtpmError(f"cache entry unreadable ({exc}); run ctpm-preprocess again", patient=patient_id, path=d) from None
-        return CacheEntry(patient_id, d, meta, arr["ct"], arr["lung"], arr["mask"], arr.get("spect"))
+        return PatientRecord(
+            patient_id=patient_id, sides=list(meta["sides"]), inverse=inverse,
+            grid_affine=np.asarray(meta["grid_affine"], np.float64),
+            ct_grid=Grid(np.asarray(meta["ct_affine"], np.float64), tuple(meta["ct_shape"])),
+            spect_percentile=meta.get("spect_percentile"), dicom=meta.get("dicom", {}), path=d,
+            **arr,
+        )
 
     def ensure(
         self,
@@ -176,47 +166,38 @@ class PreprocessCache:
         progress: bool = True,
         roundtrip: bool = False,
         force: list[str] | None = None,
-    ) -> tuple[dict[str, str], dict[str, float]]:
-        """Build the entries that are missing or damaged (all of them with roundtrip, which needs
-        the evaluation grid). Returns ({patient_id: status}, {patient_id: roundtrip R}); status is
-        "cached", "built", "rebuilt" or "failed: <message>". Failures do not stop the others."""
-        from tqdm.auto import tqdm
+        desc: str = "ctpm-preprocess",
+    ) -> BatchResult:
+        """Build the entries that are missing, stale or damaged (with ``roundtrip``, all of them, and
+        measure the roundtrip R). Failures do not stop the others.
 
+        Returns a BatchResult: ``ok`` is {patient_id: (status, roundtrip R or None)}, status
+        "cached", "built" or "rebuilt"; ``failed`` the patients that could not be preprocessed.
+        """
         patients = list(patients)
         status: dict[str, str] = {}
-        rt: dict[str, float] = {}
         todo: list[Patient] = []
         for p in patients:
             why = self.problem(p.patient_id, need_spect=with_spect, patient=p)
             if why is None and not roundtrip and not (force and p.patient_id in force):
                 status[p.patient_id] = "cached"
+                if not self.qa_lungs_path(p.patient_id).is_file():  # a QA copy removed: restore it
+                    self._copy_qa_lungs(self.entry_dir(p.patient_id) / "lungs.nii.gz", p.patient_id)
                 continue
             if why not in (None, "missing"):
                 warn(f"cache entry {why}; rebuilding it", patient=p.patient_id)
                 status[p.patient_id] = "rebuilt"
             todo.append(p)
-        bar = tqdm(total=len(todo), desc="ctpm-preprocess", unit="patient", disable=not progress or not todo)
-        args = [(self.root, self.cfg, p, with_spect, roundtrip) for p in todo]
-
-        def record(pid: str, result):
-            if isinstance(result, str):
-                status[pid] = f"failed: {result}"
-            else:
-                status.setdefault(pid, "built")
-                if result is not None:
-                    rt[pid] = result
-            bar.update()
-
-        if workers > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
-                futures = {pool.submit(_build_one, *a): a[2].patient_id for a in args}
-                for fut in as_completed(futures):
-                    record(futures[fut], fut.result())
-        else:
-            for a in args:
-                record(a[2].patient_id, _build_one(*a))
-        bar.close()
-        return status, rt
+        built = run_batch(_Builder(self.root, self.cfg, with_spect, roundtrip), todo, workers=workers,
+                          progress=progress, desc=desc, initializer=_worker_init)
+        result = BatchResult(failed=built.failed)
+        for p in patients:
+            pid = p.patient_id
+            if pid in built.ok:
+                result.ok[pid] = (status.get(pid, "built"), built.ok[pid])
+            elif status.get(pid) == "cached":
+                result.ok[pid] = ("cached", None)
+        return result
 
 
 def _worker_init():
@@ -225,32 +206,75 @@ def _worker_init():
     torch.set_num_threads(1)
 
 
-def _build_one(root, cfg, patient: Patient, with_spect: bool, roundtrip: bool):
-    """Preprocess and write one patient. Returns the roundtrip R (or None); a user error comes back
-    as its message, so one bad patient does not stop a cohort."""
-    try:
-        pre = preprocess_patient(patient, cfg, with_spect=with_spect, keep_grid=roundtrip)
-        PreprocessCache(root, cfg).write(pre, patient)
-    except CtpmError as err:
-        return str(err.with_context(patient=patient.patient_id))
-    return roundtrip_r(pre, cfg) if roundtrip else None
+class _Builder:
+    """Preprocess and write one patient (picklable, for the process pool); returns the roundtrip R
+    with ``roundtrip``, else None."""
+
+    def __init__(self, root, cfg, with_spect: bool, roundtrip: bool):
+        self.root, self.cfg, self.with_spect, self.roundtrip = root, cfg, with_spect, roundtrip
+
+    def __call__(self, patient: Patient) -> float | None:
+        rec = preprocess_patient(patient, self.cfg, with_spect=self.with_spect)
+        PreprocessCache(self.root, self.cfg).write(rec, patient)
+        return roundtrip_r(rec) if self.roundtrip else None
 
 
-def roundtrip_r(pre: Preprocessed, cfg) -> float:
+def roundtrip_r(rec: PatientRecord) -> float:
     """Spearman R between the standardised SPECT on the evaluation grid and the same SPECT taken
     through crop, resample to roi_size and the inverse: the best any model can reach at roi_size."""
-    from ctpm.data.preprocess import restore_to_grid
     from ctpm.metrics import spearman_r
 
-    back = restore_to_grid({s: pre.spect[i] for i, s in enumerate(pre.sides)}, pre.lung_ops, pre.grid_lungs, cfg)
-    m = pre.grid_mask > 0
-    return float(spearman_r(back[m], pre.grid_spect[m]))
+    back = restore(rec.roi_maps(rec.spect), rec)
+    m = np.asarray(rec.grid_mask) > 0
+    return float(spearman_r(back[m], np.asarray(rec.grid_spect)[m]))
+
+
+def cached_configs(root: str | Path) -> dict[str, dict]:
+    """{hash: preprocessing config} of the configs a cache folder holds entries of."""
+    out = {}
+    for f in sorted(Path(root).glob("*.json")):
+        if len(f.stem) == 12 and all(c in "0123456789abcdef" for c in f.stem):
+            try:
+                out[f.stem] = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+def select_config(root: str | Path, *, explicit: dict | None = None, hashes: Iterable[str] = ()) -> PreprocessConfig:
+    """The preprocessing config of a cache folder, from its ``<hash>.json`` files.
+
+    One config there: that one. Several: the one named by ``hashes`` (what the predictions record
+    they were made with), else the one that agrees with every key of ``explicit`` (options the
+    user set), else an error listing them. With ``explicit`` keys that no cached config agrees
+    with, the config they describe (the cache's entries for it are then built)."""
+    configs = cached_configs(root)
+    explicit = dict(explicit or {})
+    named = [h for h in dict.fromkeys(hashes) if h in configs]
+    if len(named) == 1:
+        return PreprocessConfig.from_any(configs[named[0]])
+    candidates = {h: c for h, c in configs.items() if h in named} if named else configs
+    if explicit:
+        want = PreprocessConfig.from_any({**PreprocessConfig().to_dict(), **explicit}).to_dict()
+        agree = {h: c for h, c in candidates.items() if all(c.get(k) == want[k] for k in explicit)}
+        if not agree:
+            return PreprocessConfig.from_any(want)
+        candidates = agree
+    if len(candidates) == 1:
+        return PreprocessConfig.from_any(next(iter(candidates.values())))
+    if not candidates:
+        raise CtpmError("no preprocessing config (<hash>.json) in the cache folder; run ctpm-preprocess out=DIR first",
+                        path=root)
+    listing = "; ".join(f"{h}: " + ", ".join(f"{k}={v}" for k, v in c.items() if k in ("spacing", "roi_size", "lung_backend"))
+                        for h, c in sorted(candidates.items()))
+    raise CtpmError(f"the cache holds {len(candidates)} preprocessing configs ({listing}); choose one with "
+                    "evaluation.<key>=... (e.g. evaluation.roi_size=[64,32,32])", path=root)
 
 
 def input_fingerprint(patient: Patient) -> dict[str, list]:
     """Size and modification time of every input of a patient (all files of a DICOM folder)."""
     out: dict[str, list] = {}
-    for name in ("ct", "spect", "lung_mask"):
+    for name in INPUTS:
         path = getattr(patient, name, None)
         if path is None:
             continue
@@ -267,3 +291,9 @@ def _crc(path: Path) -> int:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             c = zlib.crc32(chunk, c)
     return c
+
+
+def _write_text(path: Path, text: str) -> None:
+    part = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    part.write_text(text)
+    os.replace(part, path)

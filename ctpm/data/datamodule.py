@@ -100,7 +100,7 @@ def load_or_make_splits(path: Path, patients: list[Patient], cohort: str, n_fold
 
 
 class LungDataset(Dataset):
-    """One item per lung of each patient, read from memory-mapped cache entries.
+    """One item per lung of each patient, read from the patients' records (memory-mapped cache entries).
 
     Item: ct, lung (ROI attention mask), mask (evaluation mask: loss and metrics), spect (target,
     when present), each (1, D, H, W) float32; patient_id and side to put predictions back.
@@ -108,15 +108,15 @@ class LungDataset(Dataset):
 
     def __init__(self, cache: PreprocessCache, patient_ids: list[str], *, with_spect: bool = True, augment=None):
         self.cache, self.with_spect, self.augment = cache, with_spect, augment
-        self.entries = {pid: cache.load(pid) for pid in patient_ids}
-        self.items = [(pid, i, side) for pid, e in self.entries.items() for i, side in enumerate(e.sides)]
+        self.records = {pid: cache.load(pid) for pid in patient_ids}
+        self.items = [(pid, i, side) for pid, r in self.records.items() for i, side in enumerate(r.sides)]
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         pid, i, side = self.items[idx]
-        e = self.entries[pid]
+        e = self.records[pid]
         item = {
             "ct": torch.from_numpy(np.array(e.ct[i], dtype=np.float32))[None],
             "lung": torch.from_numpy(np.array(e.lung[i], dtype=np.float32))[None],
@@ -240,10 +240,8 @@ class CohortDataModule(pl.LightningDataModule):
 
     # ---- Lightning hooks ----
     def prepare_data(self) -> None:
-        status, _ = self.cache.ensure(self.manifest.patients, workers=self.preprocess_workers, progress=self.progress)
-        failed = [s[len("failed: "):] for s in status.values() if s.startswith("failed")]
-        if failed:
-            raise CtpmError(f"{len(failed)} patient(s) could not be preprocessed:\n  " + "\n  ".join(failed))
+        result = self.cache.ensure(self.manifest.patients, workers=self.preprocess_workers, progress=self.progress)
+        result.raise_if_failed("preprocessed")
         if self.mode == "fold":
             self.make_split()  # drawn and saved once, before any fold job reads it
 

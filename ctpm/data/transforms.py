@@ -6,6 +6,7 @@ Forward, per patient (keys in brackets):
                   ->  Spacingd to the isotropic grid of the CT (1 mm)  [ct, lung_mask]
                   ->  SegmentLungsd [ct -> lungs]  (or the manifest's lung_mask)
                   ->  CropForegroundd to the lungs  [ct, lungs]
+                  ->  [RegisterSpectd: the SPECT's affine registered to the CT]  (register_spect)
                   ->  CheckOverlapd, ResampleToMatchd [spect -> grid of ct]   (world coordinates)
                   ->  EvaluationMaskd [mask = lungs within HU -1000..-300]
                   ->  StandardiseSpectd [spect / 75th percentile in mask, clipped to 1]
@@ -13,19 +14,17 @@ Forward, per patient (keys in brackets):
                   ->  Resized to roi_size (128 x 64 x 64)  ->  Flipd (left lung mirrored, optional)
                   ->  ScaleIntensityRanged (CT enhancement: HU window -> [0, 1])
 
-The geometric steps are MONAI invertible transforms; ``Invertd`` takes a per-lung prediction
-back through the lung stage onto the 1 mm grid, the two lungs are recombined there, and a second
-``Invertd`` takes the map back through the grid stage onto the original CT grid (linear
-interpolation for perfusion, nearest for labels). Intensity steps are not inverted: perfusion
-maps stay standardised (1.0 = normal-functioning lung), as the design card fixes.
+The geometric steps record what they did (``MetaTensor.applied_operations``); from that record
+``ctpm.data.record.LungInverse`` keeps each lung's crop box, axis order, mirror and ROI size as
+plain numbers, and ``ctpm.data.record.restore`` / ``to_ct`` take a per-lung prediction back onto
+the evaluation grid and the original CT grid. Intensity steps are not inverted: perfusion maps
+stay standardised (1.0 = normal-functioning lung), as the design card fixes.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -42,10 +41,10 @@ from monai.transforms import (
     Spacingd,
     Transposed,
 )
-from monai.utils import TraceKeys
 
 from ctpm.data.io import Volume, load_image
 from ctpm.data.lungs import LEFT, RIGHT, LungSegmentationConfig, evaluation_mask, segment_lungs, _split_touching
+from ctpm.data.registration import KINDS, RegisterSpectd
 from ctpm.errors import CtpmError, warn
 from ctpm.geometry import Grid, footprint
 
@@ -66,6 +65,8 @@ class PreprocessConfig:
     lung_backend: str = "classical"  # classical | lungmask
     lungmask_weights: str | None = None
     lung: dict = field(default_factory=dict)  # LungSegmentationConfig overrides
+    register_spect: str = "none"  # none | rigid | affine: SPECT-to-CT registration (ctpm.data.registration)
+    registration: dict = field(default_factory=dict)  # RegistrationSettings overrides
 
     @classmethod
     def from_any(cls, cfg: Any) -> "PreprocessConfig":
@@ -98,6 +99,9 @@ class PreprocessConfig:
             "lung_backend": self.lung_backend,
             "lungmask_weights": self.lungmask_weights,
             "lung": dict(sorted(self.lung.items())),
+            # only when on: the caches built without registration keep their hash
+            **({"register_spect": self.register_spect, "registration": dict(sorted(self.registration.items()))}
+               if self.register_spect != "none" else {}),
         }
 
 
@@ -373,6 +377,10 @@ def grid_stage(cfg: PreprocessConfig, *, with_spect: bool) -> Compose:
                  dtype=torch.float32),
         LabelsFromOneHotd("lungs"),
     ]
+    if with_spect and cfg.register_spect not in KINDS:
+        raise CtpmError(f"preprocessing.register_spect must be one of {', '.join(KINDS)}, not {cfg.register_spect!r}")
+    if with_spect and cfg.register_spect != "none":  # the SPECT's affine only; resampled once below
+        t.append(RegisterSpectd(["spect"], kind=cfg.register_spect, settings=cfg.registration))
     if with_spect:
         t += [
             CheckOverlapd(["spect"], ref_key="lungs"),
@@ -403,77 +411,3 @@ def lung_stage(cfg: PreprocessConfig, side: str, keys: Sequence[str]) -> Compose
         lo, hi = cfg.hu_window
         t.append(ScaleIntensityRanged(keys=[f"ct_{side}"], a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
     return Compose(t)
-
-
-# --------------------------------------------------------------------------------------------------
-# Transform history on disk (so that a cached prediction can be inverted in another process)
-# --------------------------------------------------------------------------------------------------
-
-
-def ops_to_json(ops: list) -> str:
-    """MONAI's ``applied_operations`` as JSON (tensors and arrays tagged, object ids dropped)."""
-    return json.dumps(_encode(ops))
-
-
-def ops_from_json(text: str) -> list:
-    ops = _decode(json.loads(text))
-    _clear_ids(ops)
-    return ops
-
-
-def _encode(x):
-    if isinstance(x, torch.Tensor):
-        return {"__tensor__": x.detach().cpu().tolist(), "dtype": str(x.dtype).replace("torch.", "")}
-    if isinstance(x, np.ndarray):
-        return {"__ndarray__": x.tolist(), "dtype": str(x.dtype)}
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, TraceKeys):
-        return {"__tracekeys__": x.name}
-    if isinstance(x, dict):
-        return {str(k): _encode(v) for k, v in x.items()}
-    if isinstance(x, tuple):
-        return {"__tuple__": [_encode(v) for v in x]}
-    if isinstance(x, list):
-        return [_encode(v) for v in x]
-    if hasattr(x, "value") and isinstance(getattr(x, "value"), (str, int)):  # other enums
-        return x.value
-    return x
-
-
-def _decode(x):
-    if isinstance(x, dict):
-        if "__tensor__" in x:
-            return torch.tensor(x["__tensor__"], dtype=getattr(torch, x["dtype"]))
-        if "__ndarray__" in x:
-            return np.array(x["__ndarray__"], dtype=x["dtype"])
-        if "__tracekeys__" in x:
-            return getattr(TraceKeys, x["__tracekeys__"])
-        if "__tuple__" in x:
-            return tuple(_decode(v) for v in x["__tuple__"])
-        return {k: _decode(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_decode(v) for v in x]
-    return x
-
-
-def _clear_ids(x):
-    """Operations recorded in another process carry other object ids: MONAI skips the id check
-    for TraceKeys.NONE, the class name still has to match."""
-    if isinstance(x, dict):
-        if TraceKeys.ID in x:
-            x[TraceKeys.ID] = TraceKeys.NONE
-        for v in x.values():
-            _clear_ids(v)
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            _clear_ids(v)
-
-
-def with_history(array: np.ndarray | torch.Tensor, affine, ops: list) -> MetaTensor:
-    t = torch.as_tensor(np.asarray(array, dtype=np.float32) if isinstance(array, np.ndarray) else array)
-    if t.ndim == 3:
-        t = t[None]
-    mt = MetaTensor(t, affine=torch.as_tensor(np.asarray(affine), dtype=torch.float64))
-    mt.applied_operations = [dict(op) for op in ops]
-    return mt

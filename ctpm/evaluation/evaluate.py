@@ -6,83 +6,43 @@ percentile in the mask and clipped to 1:
 - voxel-wise Spearman R (Eq. 1), per patient and per lung;
 - Dice of the high (>= 0.66) and low (< 0.66) functional volumes (Eq. 2);
 - mean perfusion of each lobe (LUL, LLL, RUL, RML, RLL) and of each lung.
-The CT, SPECT, lungs and lobes of a patient go through the same transforms as the training data
-(``ctpm.data.transforms.grid_stage``), once, and serve every prediction set being compared.
+The CT, SPECT, lungs and lobes of a patient are the evaluation-grid part of its record
+(``ctpm.data.record.PatientRecord``): read from the preprocessing cache (``cache=``), or computed
+by the same preprocessing when it is not there, once, for every prediction set being compared and
+for the density baseline.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ctpm.data.io import load_image
+from ctpm.batch import run_batch
+from ctpm.data.cache import PreprocessCache
 from ctpm.data.lungs import LEFT, RIGHT
 from ctpm.data.manifest import Manifest, Patient
-from ctpm.data.preprocess import patient_inputs
-from ctpm.data.transforms import PreprocessConfig, grid_stage
+from ctpm.data.preprocess import preprocess_patient
+from ctpm.data.record import EvaluationGrid
+from ctpm.data.transforms import PreprocessConfig
 from ctpm.errors import CtpmError
-from ctpm.geometry import Grid, coverage, resample
 from ctpm.metrics import functional_dice, spearman_r
 
 LOBE_NAMES = {1: "LUL", 2: "LLL", 3: "RUL", 4: "RML", 5: "RLL"}
 SIDE_NAMES = {RIGHT: "right", LEFT: "left"}
 
 
-@dataclass
-class GridVolumes:
-    """One patient on the evaluation grid (cropped to the lungs)."""
+# One patient on the evaluation grid: the evaluation-grid part of its record (attributes affine,
+# ct, spect, mask, lungs, lobes, truth, shape, grid; ``on_grid`` resamples a map onto it).
+GridVolumes = EvaluationGrid
 
-    patient: Patient
-    affine: np.ndarray
-    ct: np.ndarray
-    spect: np.ndarray  # standardised
-    mask: np.ndarray  # evaluation mask (bool)
-    lungs: np.ndarray  # 1 right, 2 left
-    lobes: np.ndarray | None
-    truth: np.ndarray | None  # synthetic truth perfusion, when the manifest has it
-
-    @property
-    def shape(self):
-        return self.ct.shape
-
-    @property
-    def grid(self) -> Grid:
-        return Grid(self.affine, self.shape)
-
-    def on_grid(self, path: Path, kind: str = "perfusion", mode: str = "bilinear",
-                min_coverage: float | None = None) -> np.ndarray:
-        """A map resampled onto this grid. With `min_coverage`, a map whose grid covers less than
-        that share of the evaluation mask (another patient's, or not in CT geometry) is refused,
-        and so is one that is zero everywhere in the mask: either would score silently as R = 0."""
-        vol = load_image(path, kind=kind, patient=self.patient.patient_id)
-        if min_coverage is not None:
-            covered = coverage(vol.grid, self.grid, self.mask)
-            if covered < min_coverage:
-                raise CtpmError(
-                    f"the prediction's grid covers only {100 * covered:.1f}% of the lungs (at least "
-                    f"{100 * min_coverage:.0f}% needed, min_coverage); is it this patient's map in the CT's geometry?",
-                    patient=self.patient.patient_id, path=path)
-        out = resample(vol.array, vol.grid, self.grid, order=0 if mode == "nearest" else 1)
-        if min_coverage is not None and not np.any(out[self.mask] > 0):
-            raise CtpmError("the prediction is zero everywhere in the lungs; is it registered to this CT?",
-                            patient=self.patient.patient_id, path=path)
-        return out
 
 def grid_volumes(patient: Patient, cfg: PreprocessConfig | dict | None = None) -> GridVolumes:
-    cfg = PreprocessConfig.from_any(cfg)
-    d = grid_stage(cfg, with_spect=True)(patient_inputs(patient, with_spect=True))
-    aff = d["ct"].affine.numpy().copy()
-    gv = GridVolumes(patient, aff, d["ct"][0].numpy(), d["spect"][0].numpy(), d["mask"][0].numpy() > 0,
-                     np.rint(d["lungs"][0].numpy()).astype(np.uint8), None, None)
-    if patient.lobes is not None:
-        gv.lobes = np.rint(gv.on_grid(patient.lobes, kind="label", mode="nearest")).astype(np.uint8)
-    if patient.perfusion is not None:
-        gv.truth = gv.on_grid(patient.perfusion)
-    return gv
+    """A patient on the evaluation grid, computed now (``evaluate`` reads the cache instead)."""
+    return preprocess_patient(patient, cfg).evaluation(patient)
 
 
 def map_metrics(gv: GridVolumes, pred: np.ndarray, threshold: float = 0.66) -> dict[str, float]:
@@ -199,6 +159,7 @@ def evaluate(
     predictions: Any,
     *,
     cfg: PreprocessConfig | dict | None = None,
+    cache: PreprocessCache | str | Path | None = None,
     cohort: str | None = None,
     baseline_predictions: Any = None,
     density_baseline: bool = True,
@@ -214,12 +175,13 @@ def evaluate(
     that have predictions. The density baseline is fitted on `density_fit_cohort` of the manifest.
     A prediction whose grid covers less than `min_coverage` of a patient's lungs is refused.
 
+    The patients' records come from `cache` (a PreprocessCache, or a cache folder with `cfg`);
+    patients missing there are preprocessed into it first. Without `cache`, they are computed into
+    a temporary one. Either way each patient is preprocessed at most once.
+
     Returns {"rows": {set name: [per-patient rows]}, "missing": [...], "missing_folds": [...],
     "case": arrays of a representative patient for the figure}.
     """
-    from tqdm.auto import tqdm
-
-    cfg = PreprocessConfig.from_any(cfg)
     ids = [p.patient_id for p in manifest if cohort is None or p.cohort == cohort]
     if not ids:
         raise CtpmError(f"the manifest has no patient of cohort {cohort!r}", path=manifest.path)
@@ -233,53 +195,76 @@ def evaluate(
             raise CtpmError(f"the baseline predictions lack {len(base_missing)} patient(s) that the predictions have "
                             f"(e.g. {base_missing[0]}); a paired comparison needs both")
     patients = [p for p in manifest if p.patient_id in pred_paths]
+    fit_patients = [p for p in manifest.patients if density_baseline and density_fit_cohort
+                    and p.cohort == density_fit_cohort and p.patient_id not in pred_paths]
+    with tempfile.TemporaryDirectory(prefix="ctpm-evaluate-") as tmp:
+        if isinstance(cache, PreprocessCache):
+            store = cache
+        else:
+            store = PreprocessCache(cache if cache is not None else tmp, cfg)
+        built = store.ensure(patients + fit_patients, with_spect=True, progress=progress,
+                             desc="ctpm-evaluate: preprocessing")
+        built.raise_if_failed("preprocessed")
+        result = _evaluate_records(store, patients, fit_patients, pred_paths, base_paths,
+                                   density_baseline=density_baseline, threshold=threshold, progress=progress,
+                                   keep_case=keep_case, min_coverage=min_coverage)
+    result.update(missing=missing, missing_folds=missing_folds(splits, missing))
+    if density_baseline:
+        result["density_fit"] = f"{density_fit_cohort} cohort" if fit_patients else "leave-one-out on the evaluated patients"
+    else:
+        result["density_fit"] = None
+    return result
+
+
+def _info(p: Patient, gv: GridVolumes) -> dict[str, Any]:
+    return {"patient_id": p.patient_id, "cohort": p.cohort, "institution": p.institution,
+            "tumor_diameter_mm": p.tumor_diameter_mm, "n_voxels": int(gv.mask.sum())}
+
+
+def _evaluate_records(store: PreprocessCache, patients: list[Patient], fit_patients: list[Patient],
+                      pred_paths: dict[str, Path], base_paths: dict[str, Path], *, density_baseline: bool,
+                      threshold: float, progress: bool, keep_case: str | None, min_coverage: float) -> dict[str, Any]:
+    """The scores of every patient from its record (no preprocessing here)."""
+    from tqdm.auto import tqdm
 
     baseline = DensityBaseline() if density_baseline else None
-    fit_separately = False
-    if baseline is not None:
-        fit_patients = [p for p in manifest.patients if density_fit_cohort and p.cohort == density_fit_cohort
-                        and p.patient_id not in pred_paths]
-        if fit_patients:
-            fit_separately = True
-            for p in tqdm(fit_patients, desc="density baseline fit", unit="patient", disable=not progress):
-                baseline.add(grid_volumes(p, cfg))
+    fit_separately = bool(fit_patients)
+    for p in tqdm(fit_patients, desc="density baseline fit", unit="patient", disable=not progress or not fit_patients):
+        baseline.add(store.load(p.patient_id).evaluation(p))  # type: ignore[union-attr]
 
-    rows: dict[str, list[dict]] = {"model": []}
-    if base_paths:
-        rows["baseline"] = []
-    if baseline is not None:
-        rows["density"] = []
-    volumes: dict[str, GridVolumes] = {}
-    for p in tqdm(patients, desc="ctpm-evaluate", unit="patient", disable=not progress):
-        gv = grid_volumes(p, cfg)
-        info = {"patient_id": p.patient_id, "cohort": p.cohort, "institution": p.institution,
-                "tumor_diameter_mm": p.tumor_diameter_mm, "n_voxels": int(gv.mask.sum())}
+    def score(p: Patient) -> dict[str, Any]:
+        gv = store.load(p.patient_id).evaluation(p)
+        info = _info(p, gv)
         pred = gv.on_grid(pred_paths[p.patient_id], min_coverage=min_coverage)
-        r = {**info, **map_metrics(gv, pred, threshold), "prediction": str(pred_paths[p.patient_id])}
+        out: dict[str, Any] = {"model": {**info, **map_metrics(gv, pred, threshold), "prediction": str(pred_paths[p.patient_id])}}
         if gv.truth is not None:
-            r["ceiling_r"] = float(spearman_r(gv.truth[gv.mask], gv.spect[gv.mask]))
-        rows["model"].append(r)
+            out["model"]["ceiling_r"] = float(spearman_r(gv.truth[gv.mask], gv.spect[gv.mask]))
         if base_paths:
-            rows["baseline"].append({**info, **map_metrics(gv, gv.on_grid(base_paths[p.patient_id], min_coverage=min_coverage), threshold)})
+            out["baseline"] = {**info, **map_metrics(gv, gv.on_grid(base_paths[p.patient_id], min_coverage=min_coverage), threshold)}
         if baseline is not None and not fit_separately:
             baseline.add(gv)  # leave-one-out fit on the evaluated patients themselves
         if baseline is not None and fit_separately:
-            rows["density"].append({**info, **map_metrics(gv, baseline.predict(gv), threshold)})
-        volumes[p.patient_id] = _light(gv, pred) if keep_case else None  # type: ignore[assignment]
+            out["density"] = {**info, **map_metrics(gv, baseline.predict(gv), threshold)}
+        out["case"] = _light(gv, pred) if keep_case else None
+        return out
+
+    scored = run_batch(score, patients, progress=progress, desc="ctpm-evaluate")
+    scored.raise_if_failed("evaluated")
+    rows: dict[str, list[dict]] = {"model": [v["model"] for v in scored.ok.values()]}
+    if base_paths:
+        rows["baseline"] = [v["baseline"] for v in scored.ok.values()]
+    if baseline is not None:
+        rows["density"] = [v["density"] for v in scored.ok.values()] if fit_separately else []
     if baseline is not None and not fit_separately:
         for p in tqdm(patients, desc="density baseline (leave-one-out)", unit="patient", disable=not progress):
-            gv = grid_volumes(p, cfg)
-            info = {"patient_id": p.patient_id, "cohort": p.cohort, "institution": p.institution,
-                    "tumor_diameter_mm": p.tumor_diameter_mm, "n_voxels": int(gv.mask.sum())}
-            rows["density"].append({**info, **map_metrics(gv, baseline.predict(gv, leave_out=p.patient_id), threshold)})
+            gv = store.load(p.patient_id).evaluation(p)  # the record again, memory-mapped: no preprocessing
+            rows["density"].append({**_info(p, gv), **map_metrics(gv, baseline.predict(gv, leave_out=p.patient_id), threshold)})
     case = None
     if keep_case and rows["model"]:
         order = sorted(rows["model"], key=lambda r: r["spearman_r"])
         pick = order[len(order) // 2] if keep_case == "median" else order[-1]
-        case = volumes[pick["patient_id"]]
-    return {"rows": rows, "missing": missing, "missing_folds": missing_folds(splits, missing), "case": case,
-            "density_fit": "leave-one-out on the evaluated patients" if (baseline is not None and not fit_separately)
-            else (f"{density_fit_cohort} cohort" if baseline is not None else None)}
+        case = scored.ok[pick["patient_id"]]["case"]
+    return {"rows": rows, "case": case}
 
 
 def _light(gv: GridVolumes, pred: np.ndarray) -> dict[str, Any]:

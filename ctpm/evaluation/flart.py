@@ -45,6 +45,7 @@ from ctpm.data.io import DESCRIPTIONS, Volume, load_image
 from ctpm.data.lungs import LEFT, RIGHT
 from ctpm.data.manifest import Manifest
 from ctpm.data.transforms import standardise_spect
+from ctpm.batch import BatchResult, Failure
 from ctpm.errors import CtpmError, warn
 from ctpm.evaluation.evaluate import find_predictions
 from ctpm.evaluation.report import _write_atomic, json_safe
@@ -372,7 +373,7 @@ class FlartSettings:
 def flart_patient(dose: str | Path, perfusion: str | Path, *, lungs: str | Path | None = None,
                   lobes: str | Path | None = None, kind: str = "prediction", patient_id: str = "patient",
                   settings: FlartSettings | None = None, structures: str | Path | None = None,
-                  lungs_roi: Any = None, ct: str | Path | None = None,
+                  lungs_roi: Any = None, ct: str | Path | None = None, registration: str | Path | None = None,
                   dvh: dict[str, pd.DataFrame] | None = None) -> dict[str, Any]:
     """The metrics of one plan with one perfusion map (a row of flart.csv).
 
@@ -403,6 +404,8 @@ def flart_patient(dose: str | Path, perfusion: str | Path, *, lungs: str | Path 
     check_frames_of_reference(frames, patient=patient_id)
     dose_gy, coverage = dose_at(regions, dose_vol, patient=patient_id, min_coverage=s.min_dose_coverage)
     perf_vol = load_image(perfusion, kind="spect" if kind == "spect" else "perfusion", patient=patient_id)
+    if kind == "spect" and (reg := registration or registration_beside(lungs)) is not None:
+        perf_vol = registered(perf_vol, reg)
     perf = perfusion_at(regions, perf_vol, kind=kind, patient=patient_id, min_coverage=s.min_perfusion_coverage)
     if dvh is not None:
         dvh[patient_id] = dvh_table(dose_gy, {kind: perf}, regions)
@@ -452,6 +455,44 @@ def is_functional_map(vol: Volume) -> bool:
     if name.endswith(("_functional.nii.gz", "_functional.nii")) and vol.meta.get("description") != DESCRIPTIONS["lungs"]:
         return bool(set(np.unique(np.rint(vol.array)).tolist()) <= {0, 1, 2})
     return False
+
+
+def registration_beside(lungs: str | Path | None) -> Path | None:
+    """The SPECT-to-CT registration of a patient's ctpm-preprocess cache entry, when `lungs` is that
+    patient's ``<cache>/<id>/lungs.nii.gz`` and an entry below holds ``registration.json``
+    (``preprocessing.register_spect``). Entries of several configs with different transforms are
+    ambiguous: refused, name one with registration=."""
+    if lungs is None or Path(lungs).name != "lungs.nii.gz":
+        return None
+    found = sorted(Path(lungs).parent.glob("*/registration.json"))
+    if len(found) <= 1:
+        return found[0] if found else None
+    matrices = [np.asarray(_registration_matrix(f)) for f in found]
+    if all(np.allclose(m, matrices[0], atol=1e-6) for m in matrices[1:]):
+        return found[0]
+    raise CtpmError(f"{len(found)} cache entries hold different SPECT-to-CT registrations "
+                    f"({', '.join(str(f) for f in found)}); name one with registration=PATH", path=lungs)
+
+
+def _registration_matrix(path: str | Path) -> np.ndarray:
+    import json
+
+    try:
+        record = json.loads(Path(path).read_text())
+        m = np.asarray(record["matrix_ras"], np.float64)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CtpmError(f"not a ctpm registration.json ({type(exc).__name__}: {exc})", path=path) from None
+    if m.shape != (4, 4) or not np.all(np.isfinite(m)) or abs(np.linalg.det(m[:3, :3])) < 1e-6:
+        raise CtpmError("registration.json holds no invertible 4x4 matrix_ras", path=path)
+    return m
+
+
+def registered(spect: Volume, registration: str | Path) -> Volume:
+    """The SPECT placed on the CT by a ctpm registration (``registration.json``: ``matrix_ras`` maps a
+    CT point to the SPECT point of the same anatomy, so the registered affine is inv(matrix) @ affine,
+    as ``ctpm.data.registration.Registration.registered_affine``). The voxels are not resampled."""
+    m = _registration_matrix(registration)
+    return Volume(spect.array, np.linalg.inv(m) @ spect.affine, {**spect.meta, "registration": str(registration)})
 
 
 def check_frames_of_reference(uids: Mapping[str, str], *, patient: str | None = None) -> None:
@@ -585,7 +626,8 @@ def flart_cohort(manifest: Manifest, predictions: Any, *, lungs: str | Path | No
     (``<predictions>/<id>.nii.gz``) and with the SPECT, and SPECT minus CT-based.
 
     Lungs, in this order: `lungs` (see :func:`lungs_file`), the manifest's ``lung_mask``, its
-    ``lobes``. Lobes, when the manifest has them, also give the per-lobe metrics. Every patient is
+    ``lobes``. A SPECT is placed by the cache entry's ``registration.json`` when `lungs` is a
+    ctpm-preprocess cache made with ``register_spect`` (:func:`registration_beside`). Lobes, when the manifest has them, also give the per-lobe metrics. Every patient is
     tried; problems are reported together, and nothing is returned unless every patient worked.
 
     Returns {"rows": [...], "summary": {...}, "dvh": {patient_id: table}} (see :func:`summarise`,
@@ -605,7 +647,7 @@ def flart_cohort(manifest: Manifest, predictions: Any, *, lungs: str | Path | No
         warn(f"{len(missing)} patient(s) with a dose have no CT-based prediction and are left out: "
              f"{', '.join(missing)}")
     rows: list[dict[str, Any]] = []
-    failed: list[str] = []
+    failed: list[Failure] = []
     without_spect: list[str] = []
     curves: dict[str, pd.DataFrame] = {}
     todo = [p for p in with_dose if p.patient_id in found]
@@ -623,12 +665,15 @@ def flart_cohort(manifest: Manifest, predictions: Any, *, lungs: str | Path | No
             maps = {"ct": perfusion_at(regions, ct_map, kind="prediction", patient=pid,
                                        min_coverage=s.min_perfusion_coverage)}
             if p.spect is not None:
-                maps["spect"] = perfusion_at(regions, load_image(p.spect, kind="spect", patient=pid), kind="spect",
-                                             patient=pid, min_coverage=s.min_perfusion_coverage)
+                spect = load_image(p.spect, kind="spect", patient=pid)
+                if (reg := registration_beside(lungs_path)) is not None:
+                    spect = registered(spect, reg)
+                maps["spect"] = perfusion_at(regions, spect, kind="spect", patient=pid,
+                                             min_coverage=s.min_perfusion_coverage)
             else:
                 without_spect.append(pid)
         except CtpmError as err:
-            failed.append(str(err.with_context(patient=pid)))
+            failed.append(Failure.from_error(err, pid))
             continue
         base = {"patient_id": pid, "cohort": p.cohort, "institution": p.institution,
                 "lungs_from": regions.source, "dose_coverage": coverage}
@@ -639,8 +684,8 @@ def flart_cohort(manifest: Manifest, predictions: Any, *, lungs: str | Path | No
             weighted = [k for k in by_source["ct"] if k.startswith("f")]
             rows.append({**base, "source": DIFFERENCE,
                          **{k: by_source["spect"][k] - by_source["ct"][k] for k in weighted}})
-    if failed:
-        raise CtpmError(f"{len(failed)} of {len(todo)} patients could not be evaluated:\n  " + "\n  ".join(failed))
+    gone = {f.patient for f in failed}
+    BatchResult(ok={p.patient_id: None for p in todo if p.patient_id not in gone}, failed=failed).raise_if_failed("evaluated")
     if without_spect:
         warn(f"{len(without_spect)} patient(s) have no SPECT; CT-based metrics only: {', '.join(without_spect)}")
     summary = summarise(rows, s.thresholds_gy)

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from pytorch_lightning.callbacks import BasePredictionWriter
 
 from ctpm.data.io import save_nifti
-from ctpm.data.preprocess import restore_to_ct, restore_to_grid
+from ctpm.data.record import PatientRecord, restore, to_ct
 
 
 class PerfusionWriter(BasePredictionWriter):
@@ -28,24 +27,42 @@ class PerfusionWriter(BasePredictionWriter):
         self._pending.clear()
         self.written = []
 
+    def on_predict_end(self, trainer, pl_module) -> None:
+        cache = getattr(trainer.datamodule, "cache", None)
+        if self.written and cache is not None:
+            write_provenance(self.output_dir, cache.cfg, checkpoints=[getattr(trainer, "ckpt_path", None)])
+
     def write_on_batch_end(self, trainer, pl_module, prediction: dict[str, Any], batch_indices, batch, batch_idx, dataloader_idx=0):
         cache = trainer.datamodule.cache
         for pid, side, pred in zip(prediction["patient_id"], prediction["side"], prediction["pred"]):
             self._pending.setdefault(pid, {})[side] = pred[0].numpy()
-            entry = cache.load(pid)
-            if set(self._pending[pid]) == set(entry.sides):
-                write_patient_map(entry, self._pending.pop(pid), cache.cfg, self.output_dir / f"{pid}.nii.gz",
-                                  cache.qa_lungs_path(pid))
+            record = cache.load(pid)
+            if set(self._pending[pid]) == set(record.sides):
+                write_patient_map(record, self._pending.pop(pid), self.output_dir / f"{pid}.nii.gz")
                 self.written.append(pid)
 
 
-def write_patient_map(entry, roi: dict[str, np.ndarray], cfg, path: Path, ct_lungs_path: Path | None = None) -> Path:
-    """Per-lung ROI predictions of a cached patient -> perfusion map in CT geometry on disk (inside
-    the lungs the preprocessing used, when their QA file is there)."""
-    grid_lungs = entry.grid_lungs()
-    grid = restore_to_grid(roi, entry.lung_ops(), grid_lungs, cfg)
-    ct_lungs = None
-    if ct_lungs_path is not None and Path(ct_lungs_path).is_file():
-        ct_lungs = np.asarray(nib.load(str(ct_lungs_path)).dataobj)
-    ct_map = restore_to_ct(grid, grid_lungs, entry.grid_affine, entry.ct_affine, entry.ct_shape, ct_lungs)
-    return save_nifti(ct_map, entry.ct_affine, path, dtype=np.float32)
+def write_patient_map(record: PatientRecord, roi: dict[str, np.ndarray], path: Path) -> Path:
+    """Per-lung ROI predictions of a patient -> perfusion map in CT geometry on disk (inside the
+    lungs the preprocessing used)."""
+    return save_nifti(to_ct(restore(roi, record), record), record.ct_grid.affine, path, dtype=np.float32)
+
+
+def write_provenance(folder: Path, preprocessing, *, checkpoints=()) -> Path:
+    """``provenance.json`` beside a prediction set: the preprocessing (config and its cache hash)
+    and checkpoint(s) it was made with, so that ``ctpm-evaluate cache=DIR`` picks the same records."""
+    import json
+    import os
+
+    from ctpm.data.cache import config_hash
+    from ctpm.data.transforms import PreprocessConfig
+
+    cfg = PreprocessConfig.from_any(preprocessing)
+    info = {"preprocessing_hash": config_hash(cfg), "preprocessing": cfg.to_dict(),
+            "checkpoints": [str(c) for c in checkpoints if c]}
+    path = Path(folder) / "provenance.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(f".provenance.json.tmp-{os.getpid()}")
+    part.write_text(json.dumps(info, indent=1))
+    os.replace(part, path)
+    return path

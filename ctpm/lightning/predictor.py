@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from ctpm.data.io import DESCRIPTIONS, save_nifti
-from ctpm.data.preprocess import Preprocessed, preprocess_patient, restore_to_ct, restore_to_grid
+from ctpm.data.preprocess import preprocess_patient
+from ctpm.data.record import PatientRecord, restore, to_ct
 from ctpm.data.transforms import PreprocessConfig
 from ctpm.errors import CtpmError
 from ctpm.lightning.module import load_state_dict_safely, network_weights
@@ -79,9 +80,9 @@ class Predictor:
         self.flip_tta, self.threshold = flip_tta, threshold
 
     @torch.no_grad()
-    def roi_maps(self, pre: Preprocessed) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    def roi_maps(self, pre: PatientRecord) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
         """Mean and SD over models (and the left-right flip) of each lung's ROI prediction."""
-        ct = torch.from_numpy(pre.ct[:, None]).to(self.device)
+        ct = torch.from_numpy(np.array(pre.ct[:, None], np.float32)).to(self.device)  # a copy: a memmap is read-only
         lung = torch.from_numpy(pre.lung[:, None].astype(np.float32)).to(self.device)
         outs = []
         for net in self.nets:
@@ -95,20 +96,15 @@ class Predictor:
 
     def predict(self, patient: dict) -> Prediction:
         """patient: {"patient_id", "ct", optional "lung_mask"}."""
-        pre = preprocess_patient(patient, self.cfg, with_spect=False, keep_grid=True)
-        mean, std = self.roi_maps(pre)
-        grid = restore_to_grid(mean, pre.lung_ops, pre.grid_lungs, self.cfg)
-        perf = restore_to_ct(grid, pre.grid_lungs, pre.grid_affine, pre.ct_affine, pre.ct_shape, pre.ct_lungs)
-        sd = None
-        if std is not None:
-            sd = restore_to_ct(restore_to_grid(std, pre.lung_ops, pre.grid_lungs, self.cfg),
-                               pre.grid_lungs, pre.grid_affine, pre.ct_affine, pre.ct_shape, pre.ct_lungs)
-        mask = pre.ct_eval_mask > 0
+        rec = preprocess_patient(patient, self.cfg, with_spect=False)
+        mean, std = self.roi_maps(rec)
+        perf = to_ct(restore(mean, rec), rec)
+        sd = to_ct(restore(std, rec), rec) if std is not None else None
+        mask = rec.ct_mask
         functional = np.zeros(perf.shape, np.uint8)
         functional[mask & (perf < self.threshold)] = LOW
         functional[mask & (perf >= self.threshold)] = HIGH
-        voxel_ml = float(abs(np.linalg.det(pre.ct_affine[:3, :3]))) / 1000.0
-        return Prediction(pre.patient_id, perf, sd, functional, pre.ct_affine, pre.ct_lungs, voxel_ml)
+        return Prediction(rec.patient_id, perf, sd, functional, rec.ct_grid.affine, rec.ct_lungs, rec.ct_grid.voxel_ml)
 
 
 def write_prediction(pred: Prediction, out: Path) -> dict[str, Path]:

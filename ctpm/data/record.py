@@ -1,0 +1,270 @@
+"""One record per patient, and the one inverse that takes ROI maps back.
+
+``PatientRecord`` is what preprocessing gives and what every later stage reads: the same type
+whether ``preprocess_patient`` just computed it (in memory) or ``PreprocessCache.load`` read it
+(memory-mapped). It holds
+
+- the per-lung ROIs at roi_size (ct, spect, lung, mask), what the network sees;
+- the evaluation grid (the isotropic grid of the CT cropped to the lungs) and the images on it:
+  CT (HU), standardised SPECT, evaluation mask, lungs (1 right, 2 left) and, when the manifest
+  has them, the lobes (nearest) and the synthetic truth perfusion (linear);
+- the CT grid (affine, shape) with the lungs used on it;
+- the per-lung inverse (``LungInverse``): the crop box on the evaluation grid, the axis order,
+  the mirror and the ROI size, as plain numbers, as nnU-Net keeps its crop box.
+
+``restore`` takes per-lung ROI maps back onto the evaluation grid and ``to_ct`` from there onto
+the CT grid; the training's prediction writer, ``ctpm-predict``, the roundtrip check and the
+evaluation all call them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ctpm.data.lungs import LEFT, RIGHT
+from ctpm.errors import CtpmError
+from ctpm.geometry import Grid, coverage, resample, resample_masked
+
+SIDE_LABELS = {"right": RIGHT, "left": LEFT}
+
+
+# --------------------------------------------------------------------------------------------------
+# The inverse of the lung stage, as explicit geometry
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LungInverse:
+    """How one lung's ROI was cut from the evaluation grid (``transforms.lung_stage``).
+
+    start, stop: the crop box on the evaluation grid (indices, stop exclusive); grid_shape: that
+    grid's shape; transpose: ROI axis a holds evaluation-grid axis ``transpose[a]``; roi_size: the
+    ROI's shape; flip: ROI axes mirrored after the resize (the left lung's left-right axis);
+    mode: the interpolation that takes the ROI back to the box (the CT's, trilinear).
+    """
+
+    start: tuple[int, int, int]
+    stop: tuple[int, int, int]
+    grid_shape: tuple[int, int, int]
+    transpose: tuple[int, int, int]
+    roi_size: tuple[int, int, int]
+    flip: tuple[int, ...] = ()
+    mode: str = "trilinear"
+
+    @classmethod
+    def from_operations(cls, ops: Sequence[Mapping], roi_size: Sequence[int]) -> "LungInverse":
+        """Read from what MONAI's CropForegroundd, Transposed, Resized and Flipd recorded
+        (``MetaTensor.applied_operations`` of a lung-stage image at ``roi_size``)."""
+        from monai.utils import TraceKeys
+
+        by_name = {str(op[TraceKeys.CLASS_NAME]): op for op in ops}
+        crop, tr, rs = by_name["CropForeground"], by_name["Transposed"], by_name["Resize"]
+        info = crop[TraceKeys.EXTRA_INFO]
+        padded = info.get("pad_info", {}).get(TraceKeys.EXTRA_INFO, {}).get("padded", ())
+        if any(int(v) for pair in padded for v in pair):
+            raise ValueError("the lung's crop box reaches beyond the evaluation grid")
+        grid_shape = tuple(int(v) for v in crop[TraceKeys.ORIG_SIZE])
+        cut = [int(v) for v in info["cropped"]]
+        start = tuple(cut[0::2])
+        stop = tuple(n - after for n, after in zip(grid_shape, cut[1::2]))
+        indices = [int(v) for v in tr[TraceKeys.EXTRA_INFO]["indices"]]
+        transpose = tuple(i - 1 for i in indices[1:])  # channel first in MONAI's record
+        flip: tuple[int, ...] = ()
+        if "Flip" in by_name:
+            axes = by_name["Flip"][TraceKeys.EXTRA_INFO]["axes"]
+            flip = tuple(int(a) for a in (axes if isinstance(axes, (list, tuple)) else [axes]))
+        return cls(start, stop, grid_shape, transpose, tuple(int(v) for v in roi_size), flip,
+                   str(rs[TraceKeys.EXTRA_INFO]["mode"]))
+
+    @property
+    def box_shape(self) -> tuple[int, int, int]:
+        return tuple(int(b - a) for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
+
+    def to_json(self) -> dict:
+        return {"start": list(self.start), "stop": list(self.stop), "grid_shape": list(self.grid_shape),
+                "transpose": list(self.transpose), "roi_size": list(self.roi_size), "flip": list(self.flip),
+                "mode": self.mode}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> "LungInverse":
+        t = lambda k: tuple(int(v) for v in d[k])  # noqa: E731
+        return cls(t("start"), t("stop"), t("grid_shape"), t("transpose"), t("roi_size"), t("flip"), str(d["mode"]))
+
+    def to_box(self, roi: np.ndarray) -> np.ndarray:
+        """A map at roi_size -> the same map on the crop box (evaluation-grid axes): the mirror
+        undone, resized back to the box with the forward's interpolation (MONAI's Resize, as its
+        own inverse does), axes put back."""
+        import torch
+        from monai.transforms import Resize
+
+        arr = np.array(roi, dtype=np.float32)  # a copy: roi may be a read-only memmap
+        if arr.ndim == 4:
+            arr = arr[0]
+        if arr.shape != self.roi_size:
+            raise ValueError(f"ROI map of shape {arr.shape}, the preprocessing made {self.roi_size}")
+        if self.flip:
+            arr = np.flip(arr, axis=self.flip)
+        in_roi_order = tuple(self.box_shape[a] for a in self.transpose)
+        back = Resize(spatial_size=in_roi_order, mode=self.mode)(torch.from_numpy(np.ascontiguousarray(arr))[None])
+        back = np.asarray(back.numpy() if hasattr(back, "numpy") else back)[0]
+        return np.ascontiguousarray(np.transpose(back, np.argsort(self.transpose)))
+
+
+def restore(roi_maps: Mapping[str, np.ndarray], record: "PatientRecord") -> np.ndarray:
+    """Per-lung maps at roi_size ({"right": ..., "left": ...}) -> one map on the evaluation grid.
+    Each voxel of a lung takes its own lung's prediction; voxels outside the lungs are 0."""
+    lungs = np.asarray(record.grid_lungs)
+    out = np.zeros(lungs.shape, np.float32)
+    for side, value in SIDE_LABELS.items():
+        if side not in roi_maps:
+            continue
+        inv = record.inverse[side]
+        if tuple(inv.grid_shape) != lungs.shape:
+            raise ValueError(f"inverse made for a grid of {inv.grid_shape}, the evaluation grid is {lungs.shape}")
+        box = tuple(slice(a, b) for a, b in zip(inv.start, inv.stop))
+        sel = lungs[box] == value
+        out[box][sel] = inv.to_box(roi_maps[side])[sel]
+    return out
+
+
+def to_ct(grid_map: np.ndarray, record: "PatientRecord") -> np.ndarray:
+    """A map on the evaluation grid -> the CT grid (linear, normalised by the lungs, so that lung
+    voxels at the border are not pulled towards the 0 outside), inside the lungs the
+    preprocessing used on the CT grid."""
+    lungs = np.asarray(record.grid_lungs)
+    out, weight = resample_masked(grid_map, lungs > 0, record.grid, record.ct_grid)
+    out[~((weight > 1e-3) & (np.asarray(record.ct_lungs) > 0))] = 0.0
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The evaluation grid's view
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluationGrid:
+    """One patient on the evaluation grid (the isotropic grid of the CT, cropped to the lungs):
+    what the evaluation compares maps on."""
+
+    patient: Any  # the manifest's Patient (or None)
+    affine: np.ndarray
+    ct: np.ndarray  # HU
+    spect: np.ndarray  # standardised
+    mask: np.ndarray  # evaluation mask (bool)
+    lungs: np.ndarray  # 1 right, 2 left
+    lobes: np.ndarray | None = None
+    truth: np.ndarray | None = None  # synthetic truth perfusion, when the manifest has it
+
+    @property
+    def shape(self):
+        return self.ct.shape
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.affine, self.shape)
+
+    @property
+    def patient_id(self) -> str | None:
+        return getattr(self.patient, "patient_id", None)
+
+    def on_grid(self, path: Path, kind: str = "perfusion", mode: str = "bilinear",
+                min_coverage: float | None = None) -> np.ndarray:
+        """A map resampled onto this grid. With `min_coverage`, a map whose grid covers less than
+        that share of the evaluation mask (another patient's, or not in CT geometry) is refused,
+        and so is one that is zero everywhere in the mask: either would score silently as R = 0."""
+        from ctpm.data.io import load_image
+
+        vol = load_image(path, kind=kind, patient=self.patient_id)
+        if min_coverage is not None:
+            covered = coverage(vol.grid, self.grid, self.mask)
+            if covered < min_coverage:
+                raise CtpmError(
+                    f"the prediction's grid covers only {100 * covered:.1f}% of the lungs (at least "
+                    f"{100 * min_coverage:.0f}% needed, min_coverage); is it this patient's map in the CT's geometry?",
+                    patient=self.patient_id, path=path)
+        out = resample(vol.array, vol.grid, self.grid, order=0 if mode == "nearest" else 1)
+        if min_coverage is not None and not np.any(out[self.mask] > 0):
+            raise CtpmError("the prediction is zero everywhere in the lungs; is it registered to this CT?",
+                            patient=self.patient_id, path=path)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The record
+# --------------------------------------------------------------------------------------------------
+
+# Arrays of a record as the cache stores them (name -> attribute); the ROI stacks are (sides, D, H, W).
+ROI_ARRAYS = ("ct", "spect", "lung", "mask")
+GRID_ARRAYS = ("grid_ct", "grid_spect", "grid_mask", "grid_lungs", "grid_lobes", "grid_truth")
+
+
+@dataclass
+class PatientRecord:
+    """Everything preprocessing knows of one patient (see the module docstring)."""
+
+    patient_id: str
+    sides: list[str]
+    # per lung, stacked over `sides`, at roi_size
+    ct: np.ndarray  # CT enhanced to [0, 1]
+    lung: np.ndarray  # the lung (uint8), the network's attention mask
+    mask: np.ndarray  # the evaluation mask within the lung (uint8)
+    spect: np.ndarray | None  # standardised SPECT (float32)
+    inverse: dict[str, LungInverse]
+    # the evaluation grid
+    grid_affine: np.ndarray
+    grid_ct: np.ndarray  # HU
+    grid_mask: np.ndarray  # uint8
+    grid_lungs: np.ndarray  # uint8, 1 right, 2 left
+    # the CT as read
+    ct_grid: Grid
+    grid_spect: np.ndarray | None = None  # standardised
+    grid_lobes: np.ndarray | None = None  # uint8, lobe labels 1..5 (nearest)
+    grid_truth: np.ndarray | None = None  # synthetic truth perfusion (linear)
+    ct_lungs_array: np.ndarray | None = field(default=None, repr=False)  # in memory; else read from `path`
+    ct_mask_array: np.ndarray | None = field(default=None, repr=False)
+    spect_percentile: float | None = None
+    dicom: dict[str, Any] = field(default_factory=dict)
+    registration: Any = field(default=None, repr=False)  # ctpm.data.registration.Registration (register_spect)
+    path: Path | None = None  # the cache entry it was read from
+
+    @property
+    def grid(self) -> Grid:
+        """The evaluation grid."""
+        return Grid(self.grid_affine, np.asarray(self.grid_lungs).shape)
+
+    @property
+    def ct_lungs(self) -> np.ndarray:
+        """The lungs (1 right, 2 left) on the CT grid (uint8)."""
+        if self.ct_lungs_array is None and self.path is not None:
+            import nibabel as nib
+
+            self.ct_lungs_array = np.asarray(nib.load(str(self.path / "lungs.nii.gz")).dataobj).astype(np.uint8)
+        return self.ct_lungs_array  # type: ignore[return-value]
+
+    @property
+    def ct_mask(self) -> np.ndarray:
+        """The evaluation mask (lungs within the HU range) on the CT grid (bool)."""
+        if self.ct_mask_array is None and self.path is not None:
+            bits = np.load(self.path / "ct_mask.npy")
+            n = int(np.prod(self.ct_grid.shape))
+            self.ct_mask_array = np.unpackbits(bits, count=n).astype(bool).reshape(self.ct_grid.shape)
+        return self.ct_mask_array  # type: ignore[return-value]
+
+    def evaluation(self, patient: Any = None) -> EvaluationGrid:
+        """The evaluation grid's view (needs the SPECT)."""
+        if self.grid_spect is None:
+            raise CtpmError("preprocessed without its SPECT; it cannot be evaluated", patient=self.patient_id)
+        return EvaluationGrid(patient, np.asarray(self.grid_affine, np.float64), self.grid_ct, self.grid_spect,
+                              np.asarray(self.grid_mask) > 0, np.asarray(self.grid_lungs), self.grid_lobes, self.grid_truth)
+
+    def roi_maps(self, stack: np.ndarray) -> dict[str, np.ndarray]:
+        """A (sides, D, H, W) stack as {side: map}."""
+        return {s: stack[i] for i, s in enumerate(self.sides)}
+
+    def inverse_json(self) -> dict[str, dict]:
+        return {s: inv.to_json() for s, inv in self.inverse.items()}
