@@ -1,6 +1,7 @@
 """What a physicist checks by eye before a CT-based perfusion map goes into a plan.
 
-- ``<id>_qa.png`` per patient: axial, coronal and sagittal slices through the centre of the lungs,
+- ``<id>_qa.png`` per patient: axial and coronal slices through the centre of the lungs, a sagittal
+  one through the right lung,
   the CT in a lung window, the perfusion as a colour wash inside the lungs, the outlines of the
   high (orange) and low (blue) functional volumes, the SD map of an ensemble in a second row, and a
   table of the volumes (mL) and mean perfusion of each lung (and lobe, with a lobe map).
@@ -96,11 +97,15 @@ def qa_figure(q: QaInput, *, threshold: float = 0.66) -> bytes:
     lungs = views["lungs"] > 0
     idx = np.argwhere(lungs) if lungs.any() else np.argwhere(np.ones(lungs.shape, bool))
     centre = [int(round(float(v))) for v in idx.mean(0)]
+    # the sagittal plane through the centre of the lungs would cut the mediastinum: take the right lung's
+    right = np.argwhere(views["lungs"] == RIGHT)
+    if len(right):
+        centre[0] = int(round(float(right[:, 0].mean())))
     # aspect per plane: (column spacing, row spacing) of the image
     extents = [(sp[0], sp[1]), (sp[0], sp[2]), (sp[1], sp[2])]
     names = ["axial", "coronal", "sagittal"]
     rows = 2 if views["std"] is not None else 1
-    fig = plt.figure(figsize=(13.0, 4.2 * rows + 0.6))
+    fig = plt.figure(figsize=(13.0, 3.4 * rows + 0.6), layout="constrained")
     grid = fig.add_gridspec(rows, 4, width_ratios=[1, 1, 1, 0.9])
     ct_planes = _planes(views["ct"], centre)
     lung_planes = _planes(lungs, centre)
@@ -127,7 +132,8 @@ def qa_figure(q: QaInput, *, threshold: float = 0.66) -> bytes:
                         m = (func2 == label_value).astype(float)
                         if m.any() and not m.all():
                             ax.contour(m, levels=[0.5], colors=[colour], linewidths=0.8, origin="lower", extent=ext)
-                ax.set_title(f"{names[c]}" + (" (R on the left)" if c < 2 else " (A on the right)"), fontsize=9)
+                ax.set_title(f"{names[c]}" + (" (R on the left)" if c < 2 else ", right lung (A on the right)"),
+                             fontsize=9)
                 ax.set_xticks([])
                 ax.set_yticks([])
             fig.colorbar(im, ax=fig.axes[-3:], shrink=0.8, label=label, location="right")
