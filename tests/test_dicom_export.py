@@ -19,8 +19,8 @@ from ctpm.data.dicom_export import (
     write_rtstruct,
 )
 from ctpm.data.io import Volume, load_image, save_nifti
-from ctpm.geometry import LPS_TO_RAS
 from ctpm.errors import CtpmError
+from ctpm.geometry import LPS_TO_RAS
 from tests.data_helpers import IDENTITY, write_ct_series
 
 # Supine (the usual LPS-stored axial series) and prone (rows and columns run the other way).

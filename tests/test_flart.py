@@ -22,7 +22,6 @@ from scipy import stats as sps
 from ctpm.cli._common import CONF_DIR
 from ctpm.data.io import Volume, load_image, save_nifti
 from ctpm.data.manifest import load_manifest
-from ctpm.geometry import resample
 from ctpm.errors import CtpmError, CtpmWarning
 from ctpm.evaluation.flart import (
     FlartSettings,
@@ -36,6 +35,7 @@ from ctpm.evaluation.flart import (
     read_rtdose,
     region_metrics,
 )
+from ctpm.geometry import resample
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from ctpm.cli._common import CONF_DIR
-from ctpm.data.io import DESCRIPTIONS, load_image, save_nifti
+from ctpm.data.io import DESCRIPTIONS, load_image
 from ctpm.errors import CtpmError
 from ctpm.geometry import LPS_TO_RAS, resample
 from tests.conftest import synth_settings

@@ -42,15 +42,15 @@ from __future__ import annotations
 import datetime
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from ctpm.data.io import Volume, atomic_directory, load_image
-from ctpm.geometry import LPS_TO_RAS
 from ctpm.errors import CtpmError, warn
+from ctpm.geometry import LPS_TO_RAS
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -335,7 +335,8 @@ def dicom_identity(ct: Volume, mode: str = "anonymous") -> dict:
     import pydicom
 
     src = pydicom.dcmread(ct.meta["files"][0], stop_before_pixels=True)
-    return {k: src.get(k, "") for k in (*IDENTITY, *STUDY_IDENTITY)} | {"StudyInstanceUID": ct.meta["study_instance_uid"]}
+    own = {k: src.get(k, "") for k in (*IDENTITY, *STUDY_IDENTITY)}
+    return own | {"StudyInstanceUID": ct.meta["study_instance_uid"]}
 
 
 def _as_identity(ct: Volume, identity: str | dict) -> dict:
@@ -404,9 +405,11 @@ def read_structure_set(path: str | Path, *, patient: str | None = None) -> Struc
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
-        raise CtpmError(f"cannot read the DICOM file ({type(exc).__name__}: {exc})", patient=patient, path=path) from None
+        raise CtpmError(f"cannot read the DICOM file ({type(exc).__name__}: {exc})", patient=patient,
+                        path=path) from None
     if ds.get("Modality") != "RTSTRUCT":
-        raise CtpmError(f"not an RT Structure Set (Modality {ds.get('Modality', 'missing')})", patient=patient, path=path)
+        raise CtpmError(f"not an RT Structure Set (Modality {ds.get('Modality', 'missing')})", patient=patient,
+                        path=path)
     frames = {str(f.FrameOfReferenceUID) for f in ds.get("ReferencedFrameOfReferenceSequence", [])}
     frames |= {str(r.ReferencedFrameOfReferenceUID) for r in ds.get("StructureSetROISequence", [])
                if "ReferencedFrameOfReferenceUID" in r}

@@ -402,7 +402,8 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype=np
             # mtime=0: the same image gives the same bytes (reproducible cohorts and caches).
             # Streamed through the compressor (nibabel writes the array in blocks): no second copy
             # of a 512^2 x N float map in memory.
-            with open(tmp, "wb") as fh, gzip.GzipFile(filename="", fileobj=fh, mode="wb", compresslevel=1, mtime=0) as gz:
+            with open(tmp, "wb") as fh, \
+                    gzip.GzipFile(filename="", fileobj=fh, mode="wb", compresslevel=1, mtime=0) as gz:
                 img.to_file_map({"image": nib.FileHolder(fileobj=gz)})
         else:
             nib.save(img, tmp)

@@ -34,18 +34,19 @@ weight the dose with the same quantity. The scale itself cancels in fMLD and fVx
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from ctpm.batch import BatchResult, Failure
 from ctpm.data.io import DESCRIPTIONS, Volume, load_image
 from ctpm.data.lungs import LEFT, RIGHT
 from ctpm.data.manifest import Manifest
 from ctpm.data.transforms import standardise_spect
-from ctpm.batch import BatchResult, Failure
 from ctpm.errors import CtpmError, warn
 from ctpm.evaluation.evaluate import find_predictions
 from ctpm.evaluation.report import _write_atomic, json_safe
@@ -452,7 +453,8 @@ def is_functional_map(vol: Volume) -> bool:
     if vol.meta.get("description") == DESCRIPTIONS["functional"]:
         return True
     name = Path(str(vol.meta.get("source", ""))).name
-    if name.endswith(("_functional.nii.gz", "_functional.nii")) and vol.meta.get("description") != DESCRIPTIONS["lungs"]:
+    tagged_lungs = vol.meta.get("description") == DESCRIPTIONS["lungs"]
+    if name.endswith(("_functional.nii.gz", "_functional.nii")) and not tagged_lungs:
         return bool(set(np.unique(np.rint(vol.array)).tolist()) <= {0, 1, 2})
     return False
 
@@ -627,8 +629,9 @@ def flart_cohort(manifest: Manifest, predictions: Any, *, lungs: str | Path | No
 
     Lungs, in this order: `lungs` (see :func:`lungs_file`), the manifest's ``lung_mask``, its
     ``lobes``. A SPECT is placed by the cache entry's ``registration.json`` when `lungs` is a
-    ctpm-preprocess cache made with ``register_spect`` (:func:`registration_beside`). Lobes, when the manifest has them, also give the per-lobe metrics. Every patient is
-    tried; problems are reported together, and nothing is returned unless every patient worked.
+    ctpm-preprocess cache made with ``register_spect`` (:func:`registration_beside`). Lobes, when
+    the manifest has them, also give the per-lobe metrics. Every patient is tried; problems are
+    reported together, and nothing is returned unless every patient worked.
 
     Returns {"rows": [...], "summary": {...}, "dvh": {patient_id: table}} (see :func:`summarise`,
     :func:`dvh_table`).

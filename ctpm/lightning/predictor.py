@@ -7,9 +7,9 @@ standard deviation is written as an uncertainty map.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import hydra
 import numpy as np
