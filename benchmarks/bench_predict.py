@@ -4,7 +4,8 @@ CT file in, perfusion and functional maps written: the checkpoint is loaded, the
 preprocessed (without SPECT), the default ARNN (random weights: speed does not depend on them)
 run on both lungs, the maps restored to the CT's 512 x 512 x 256 grid and written. The breakdown
 times ``preprocess_patient`` and ``Predictor.roi_maps`` inside ``Predictor.predict``; the reference is
-the I/O floor of the task: reading the CT (``load_image``) and writing the two maps.
+the I/O floor of the task: reading the CT (``load_image``) and writing the maps (``write_prediction``:
+perfusion, functional and lung labels).
 
 Each run is a fresh process with glibc's malloc thresholds raised (see ``benchmarks.run.FAST_MALLOC``).
 Target: < 20 s end to end.

@@ -117,3 +117,55 @@ def _sweep_checkpoint(sweep: Path) -> Path:
     if not path.is_file():
         raise CtpmError(f"the sweep's best checkpoint is gone: {path}", path=sweep / SWEEP_RESULTS)
     return path
+
+
+def resolve_checkpoints(spec: str | Path) -> list[Path]:
+    """The checkpoints a prediction averages, given as
+    - a checkpoint file;
+    - a training run folder (its provenance.json records the final checkpoint);
+    - a folder whose provenance.json lists ``checkpoints`` (a study's finetune folder);
+    - a fold multirun folder (Hydra's ``multirun/<date>/<time>`` or any folder of runs): the final
+      checkpoint of every finished run below it, as each run's provenance.json records it, in fold
+      order. Runs without a record (unfinished, or killed) are left out with a warning.
+    """
+    from ctpm.errors import warn
+
+    path = Path(spec)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise CtpmError("ckpt= does not exist: give a checkpoint file, a ctpm-train run folder or a fold multirun "
+                        "folder", path=path)
+    record = read_provenance(path)
+    if record is not None and record.get("checkpoints"):
+        found = [resolve_in(path, c) for c in record["checkpoints"]]
+    elif record is not None:
+        found = [resolve_checkpoint(path)]
+    else:
+        runs = sorted((p.parent for p in path.glob(f"**/{PROVENANCE}")), key=lambda d: str(d))
+        records = [(d, r) for d in runs if (r := _training_record(d)) is not None]
+        if not records:
+            raise CtpmError(f"no finished training run below this folder (no {PROVENANCE} recording a checkpoint); "
+                            "give checkpoint files: ckpt=[A.ckpt,B.ckpt]", path=path)
+        records.sort(key=lambda dr: (dr[1].get("fold") is None, dr[1].get("fold") or 0, str(dr[0])))
+        found = [resolve_in(d, r["checkpoint"]) for d, r in records]
+        done = {d.resolve() for d, _ in records}
+        unfinished = sorted({str(c.parent.parent) for c in path.glob("**/checkpoints/last.ckpt")
+                             if c.parent.parent.resolve() not in done})
+        if unfinished:
+            warn(f"{len(unfinished)} run(s) below {path} have a checkpoint but no {PROVENANCE} (unfinished?) and are "
+                 f"left out: {', '.join(unfinished)}")
+    gone = [str(c) for c in found if not c.is_file()]
+    if gone:
+        raise CtpmError(f"recorded checkpoint(s) are gone: {', '.join(gone)}", path=path)
+    return found
+
+
+def _training_record(folder: Path) -> dict[str, Any] | None:
+    """A finished training run's record below a multirun folder, or None for anything else there
+    (a prediction set's provenance, a run that recorded no checkpoint)."""
+    try:
+        record = read_provenance(folder)
+    except CtpmError:
+        return None
+    return record if record and record.get("checkpoint") else None

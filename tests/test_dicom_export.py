@@ -19,8 +19,8 @@ from ctpm.data.dicom_export import (
     write_rtstruct,
 )
 from ctpm.data.io import Volume, load_image, save_nifti
-from ctpm.geometry import LPS_TO_RAS
 from ctpm.errors import CtpmError
+from ctpm.geometry import LPS_TO_RAS
 from tests.data_helpers import IDENTITY, write_ct_series
 
 # Supine (the usual LPS-stored axial series) and prone (rows and columns run the other way).
@@ -85,7 +85,8 @@ def rt_utils_mask(ct_folder: Path, rs_path: Path, roi_name: str) -> np.ndarray:
 def assert_references(rs, ct: Volume) -> None:
     uids = ct.meta["sop_instance_uids"]
     assert rs.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.3" and rs.Modality == "RTSTRUCT"
-    assert rs.StudyInstanceUID == ct.meta["study_instance_uid"]
+    # anonymous (the default): a study of its own, never the CT's study UID under the placeholder
+    assert (rs.StudyInstanceUID == ct.meta["study_instance_uid"]) == (rs.PatientID != "CTPM-ANONYMOUS")
     frame = rs.ReferencedFrameOfReferenceSequence[0]
     assert frame.FrameOfReferenceUID == ct.meta["frame_of_reference_uid"]
     study = frame.RTReferencedStudySequence[0]
@@ -119,7 +120,7 @@ def assert_perfusion_series(folder: Path, ct: Volume, perfusion: np.ndarray, sou
     assert np.abs(back.array - perfusion).max() <= slope / 2 + 1e-6 * np.abs(perfusion).max()
     assert back.meta["series_instance_uid"] != ct.meta["series_instance_uid"]
     assert back.meta["frame_of_reference_uid"] == ct.meta["frame_of_reference_uid"]
-    assert back.meta["study_instance_uid"] == ct.meta["study_instance_uid"]
+    assert back.meta["study_instance_uid"] != ct.meta["study_instance_uid"]  # anonymous: a study of its own
     assert list(first.ImageType)[:2] == ["DERIVED", "SECONDARY"] and first.RescaleType == "US"
     for f, ct_file in zip(files, ct.meta["files"]):  # same slice positions as the CT, slice by slice
         ours, theirs = (pydicom.dcmread(p, stop_before_pixels=True) for p in (f, ct_file))
@@ -181,8 +182,40 @@ def test_perfusion_series_on_a_synthetic_series(tmp_path):
 def test_identity_is_copied_only_when_asked(tmp_path):
     ct = synthetic_ct(tmp_path / "ct", ORIENTATIONS["supine"])
     blob = ellipsoid(ct, (0.0, 0.0, 0.0), (15.0, 15.0, 30.0))
-    rs = pydicom.dcmread(write_rtstruct(ct, [Roi("Blob", blob, (255, 0, 0))], tmp_path / "rs.dcm", anonymise=False))
+    rs = pydicom.dcmread(write_rtstruct(ct, [Roi("Blob", blob, (255, 0, 0))], tmp_path / "rs.dcm", identity="copy"))
     assert rs.PatientID == IDENTITY["PatientID"] and rs.PatientBirthDate == IDENTITY["PatientBirthDate"]
+    with pytest.raises(CtpmError, match="dicom_identity must be one of anonymous, copy"):
+        write_rtstruct(ct, [Roi("Blob", blob, (255, 0, 0))], tmp_path / "rs2.dcm", identity="keep")
+
+
+@pytest.mark.parametrize("mode", ["anonymous", "copy"])
+def test_prediction_export_identity_read_back(tmp_path, mode):
+    """copy: the CT's patient and study modules, for a direct import; anonymous: the placeholder in
+    a fresh study shared by the structure set and the perfusion series. Both keep the CT's frame of
+    reference and carry the whole-lung ROI."""
+    ct = synthetic_ct(tmp_path / "ct", ORIENTATIONS["supine"])
+    src = pydicom.dcmread(ct.meta["files"][0], stop_before_pixels=True)
+    lungs = ellipsoid(ct, (0.0, 0.0, 0.0), (25.0, 20.0, 40.0))
+    functional = np.where(lungs, np.where(world_axes(ct)[1] > 0, 2, 1), 0)
+    perfusion = np.where(lungs, 0.8, 0.0).astype(np.float32)
+    files = write_prediction_dicom(tmp_path / "ct", perfusion, functional, ct.affine, tmp_path / "out", "P1",
+                                   lungs=lungs.astype(np.uint8) * np.where(world_axes(ct)[0] > 0, 1, 2),
+                                   identity=mode)
+    rs = pydicom.dcmread(files["rtstruct"])
+    series = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(files["perfusion_dicom"].glob("*.dcm"))]
+    assert [r.ROIName for r in rs.StructureSetROISequence] == ["Lungs_FuncHigh", "Lungs_FuncLow", "Lungs_CTPM"]
+    assert dice(rasterise(rs, "Lungs_CTPM", ct), lungs) >= 0.99
+    for ds in [rs, *series]:
+        if mode == "copy":
+            for key in ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID"):
+                assert str(ds.get(key)) == str(src.get(key)), key
+        else:
+            assert str(ds.PatientName) == "ANONYMOUS" and ds.PatientID == "CTPM-ANONYMOUS"
+            assert ds.StudyInstanceUID != src.StudyInstanceUID
+            assert ds.PatientBirthDate == "" and ds.get("StudyID", "") == "" and ds.get("AccessionNumber", "") == ""
+    assert len({ds.StudyInstanceUID for ds in [rs, *series]}) == 1  # one study for the patient's objects
+    assert all(ds.FrameOfReferenceUID == ct.meta["frame_of_reference_uid"] for ds in series)
+    assert rs.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID == ct.meta["frame_of_reference_uid"]
 
 
 def test_prediction_export_files_and_refusals(tmp_path):

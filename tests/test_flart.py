@@ -22,10 +22,10 @@ from scipy import stats as sps
 from ctpm.cli._common import CONF_DIR
 from ctpm.data.io import Volume, load_image, save_nifti
 from ctpm.data.manifest import load_manifest
-from ctpm.geometry import resample
 from ctpm.errors import CtpmError, CtpmWarning
 from ctpm.evaluation.flart import (
     FlartSettings,
+    cumulative_dvh,
     dose_at,
     dose_metrics,
     flart_patient,
@@ -35,6 +35,7 @@ from ctpm.evaluation.flart import (
     read_rtdose,
     region_metrics,
 )
+from ctpm.geometry import resample
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -94,6 +95,79 @@ def test_hand_computed_patient_whole_lungs_sides_and_lobes(tmp_path):
     assert row["MLD_LLL"] == pytest.approx(30.0) and row["V30_LLL"] == 100.0 and row["V5_RUL"] == 0.0
     assert row["volume_ml_RML"] == 0.0 and math.isnan(row["MLD_RML"])
     assert row["lungs_from"] == "lung labels" and row["dose_coverage"] == 1.0
+
+
+def test_dvh_of_the_hand_case(tmp_path):
+    """Doses 0 / 10 / 20 / 30 Gy on 8 voxels each, perfusion 1 / 2 / 3 / 4: at 15 Gy half the volume
+    and 7/10 of the perfusion; the right lung (0, 10 Gy; perfusion 1, 2) has 2/3 of its perfusion at
+    5 Gy. The curves pass through Vx and fVx, and the CLI writes them as CSV and PNG."""
+    from ctpm.cli.flart import run
+
+    f = hand_case(tmp_path)
+    curves: dict = {}
+    row = flart_patient(f["dose"], f["perfusion"], lungs=f["lungs"], patient_id="P1", dvh=curves)
+    t = curves["P1"].set_index("dose_gy")
+    assert t.loc[15.0, "V_lungs"] == pytest.approx(50.0) and t.loc[15.0, "fV_lungs_prediction"] == pytest.approx(70.0)
+    assert t.loc[5.0, "fV_right_prediction"] == pytest.approx(100 * 2 / 3)
+    assert t.loc[0.0, "V_left"] == 100.0 and t.loc[30.0, "V_lungs"] == pytest.approx(25.0)
+    for x in (5.0, 20.0, 30.0):
+        assert t.loc[x, "V_lungs"] == pytest.approx(row[f"V{x:g}"])
+        assert t.loc[x, "fV_lungs_prediction"] == pytest.approx(row[f"fV{x:g}"])
+    assert np.all(np.diff(t["V_lungs"].to_numpy()) <= 0)  # cumulative: never rises
+    # against a direct count at doses between the levels
+    d = np.repeat([0.0, 10, 20, 30], 8)
+    np.testing.assert_allclose(cumulative_dvh(d, [0.05, 9.99, 10.0, 29.9, 30.01]), [75.0, 75.0, 75.0, 25.0, 0.0])
+    out = tmp_path / "out"
+    run(flart_cfg([f"dose={f['dose']}", f"perfusion={f['perfusion']}", f"lungs={f['lungs']}", "patient_id=P1",
+                   f"out={out}"]))
+    written = pd.read_csv(out / "dvh" / "P1_dvh.csv")
+    assert written.loc[np.isclose(written.dose_gy, 15.0), "fV_lungs_prediction"].item() == pytest.approx(70.0)
+    assert (out / "dvh" / "P1_dvh.png").stat().st_size > 5000
+
+
+def test_functional_map_is_refused_as_lungs(tmp_path):
+    """ctpm-predict's functional map (0 / 1 / 2 too) is refused as the lungs: by its header's
+    descrip, and by its name for a file without one."""
+    from ctpm.data.io import DESCRIPTIONS
+
+    f = hand_case(tmp_path)
+    lungs = load_image(f["lungs"], kind="label")
+    tagged = save_nifti(lungs.array, lungs.affine, tmp_path / "anything.nii.gz", np.uint8,
+                        description=DESCRIPTIONS["functional"])
+    named = save_nifti(lungs.array, lungs.affine, tmp_path / "P1_functional.nii.gz", np.uint8)
+    for path in (tagged, named):
+        with pytest.raises(CtpmError, match="functional-volume map .* not the lungs") as err:
+            flart_patient(f["dose"], f["perfusion"], lungs=path, patient_id="P1")
+        assert err.value.path == str(path)
+    # a lung label map that ctpm-predict wrote says so and is read whatever its name
+    ok = save_nifti(lungs.array, lungs.affine, tmp_path / "P2_functional.nii.gz", np.uint8,
+                    description=DESCRIPTIONS["lungs"])
+    assert flart_patient(f["dose"], f["perfusion"], lungs=ok)["MLD"] == pytest.approx(15.0)
+
+
+def test_spect_is_placed_by_the_cache_entry_registration(tmp_path):
+    """A SPECT stored 2 mm off (its affine shifted, as an unregistered scan is) gives other
+    weights; the registration.json of the lungs' cache entry (matrix: CT point -> SPECT point)
+    puts it back, so the metrics equal those of the SPECT in place."""
+    import json
+
+    f = hand_case(tmp_path)
+    perf = load_image(f["perfusion"], kind="perfusion")
+    in_place = save_nifti(perf.array * 100.0, perf.affine, tmp_path / "spect.nii.gz")
+    shift = np.eye(4)
+    shift[:3, 3] = [2.0, 0.0, 0.0]  # one voxel along x
+    moved = save_nifti(perf.array * 100.0, shift @ perf.affine, tmp_path / "spect_moved.nii.gz")
+    entry = tmp_path / "cache" / "P1" / "0123abcd"
+    entry.mkdir(parents=True)
+    lungs = Path(f["lungs"]).replace(tmp_path / "cache" / "P1" / "lungs.nii.gz")
+    settings = FlartSettings(min_perfusion_coverage=0.5)
+    reference = flart_patient(f["dose"], in_place, lungs=lungs, kind="spect", settings=settings)
+    unregistered = flart_patient(f["dose"], moved, lungs=lungs, kind="spect", settings=settings)
+    assert unregistered["fMLD"] != pytest.approx(reference["fMLD"], abs=0.1)
+    (entry / "registration.json").write_text(json.dumps({"kind": "rigid", "matrix_ras": shift.tolist()}))
+    placed = flart_patient(f["dose"], moved, lungs=lungs, kind="spect", settings=settings)
+    for key in ("fMLD", "fV20", "fMLD_left"):
+        assert placed[key] == pytest.approx(reference[key], abs=1e-4)
 
 
 def test_lobes_alone_give_the_same_lungs_and_sides(tmp_path):
@@ -182,7 +256,8 @@ def test_dose_grid_that_misses_the_lungs_is_refused_or_warned(tmp_path):
 
 
 def write_rtdose(path: Path, gy: np.ndarray, *, position, offsets, pixel_spacing=(2.5, 3.0),
-                 orientation=(1, 0, 0, 0, 1, 0), scaling=1e-3, units="GY", summation="PLAN") -> Path:
+                 orientation=(1, 0, 0, 0, 1, 0), scaling=1e-3, units="GY", summation="PLAN",
+                 frame_uid: str | None = None) -> Path:
     """gy: (frames, rows, columns) dose in Gy, stored as uint32 / scaling."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.2"
@@ -192,7 +267,7 @@ def write_rtdose(path: Path, gy: np.ndarray, *, position, offsets, pixel_spacing
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality = "RTDOSE"
-    ds.FrameOfReferenceUID = generate_uid()
+    ds.FrameOfReferenceUID = frame_uid or generate_uid()
     ds.DoseUnits, ds.DoseType, ds.DoseSummationType = units, "PHYSICAL", summation
     ds.DoseGridScaling = f"{scaling:g}"
     ds.ImagePositionPatient = [f"{v:g}" for v in position]

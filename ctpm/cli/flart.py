@@ -13,14 +13,15 @@ from ctpm.errors import CtpmError
 
 
 def run(cfg: DictConfig) -> dict:
-    from ctpm.evaluation.flart import FlartSettings, flart_cohort, flart_patient, summarise, write_flart
+    from ctpm.evaluation.flart import FlartSettings, flart_cohort, flart_patient, summarise, write_dvh, write_flart
 
     out = Path(cfg.out)
     if (out / "flart.csv").exists() and not cfg.overwrite:
         raise CtpmError("flart.csv exists already here; choose another out= or pass overwrite=true", path=out)
     single = [k for k in ("dose", "perfusion") if cfg[k]]
     if bool(cfg.manifest) == bool(single):
-        raise CtpmError("give either dose=PATH perfusion=PATH lungs=PATH (one patient) "
+        raise CtpmError("give either dose=PATH perfusion=PATH lungs=PATH (or structures=RS.dcm lungs_roi=NAME "
+                        "ct=CT; one patient) "
                         "or manifest=CSV predictions=DIR (a cohort)")
     settings = FlartSettings(thresholds_gy=tuple(OmegaConf.to_container(cfg.thresholds_gy)), dose_unit=cfg.dose_unit,
                              min_dose_coverage=float(cfg.min_dose_coverage),
@@ -31,15 +32,22 @@ def run(cfg: DictConfig) -> dict:
         predictions = OmegaConf.to_container(cfg.predictions) if OmegaConf.is_list(cfg.predictions) else cfg.predictions
         result = flart_cohort(load_manifest(cfg.manifest, require_spect=False), predictions, lungs=cfg.lungs,
                               settings=settings, progress=bool(cfg.progress))
-        rows, summary = result["rows"], result["summary"]
+        rows, summary, curves = result["rows"], result["summary"], result["dvh"]
     else:
         missing = [k for k in ("dose", "perfusion") if not cfg[k]]
-        if missing or not (cfg.lungs or cfg.lobes):
-            raise CtpmError("one patient needs dose=PATH, perfusion=PATH and lungs=PATH (or lobes=PATH)")
+        if missing or not (cfg.lungs or cfg.lobes or cfg.structures):
+            raise CtpmError("one patient needs dose=PATH, perfusion=PATH and lungs=PATH (or lobes=PATH, or "
+                            "structures=RS.dcm lungs_roi=NAME ct=CT)")
+        rois = cfg.lungs_roi
+        rois = OmegaConf.to_container(rois) if OmegaConf.is_config(rois) else rois
+        curves = {}
         rows = [flart_patient(cfg.dose, cfg.perfusion, lungs=cfg.lungs, lobes=cfg.lobes, kind=cfg.perfusion_kind,
-                              patient_id=str(cfg.patient_id), settings=settings)]
+                              patient_id=str(cfg.patient_id), settings=settings, structures=cfg.structures,
+                              lungs_roi=rois, ct=cfg.ct, registration=cfg.registration, dvh=curves)]
         summary = summarise(rows, settings.thresholds_gy)
     files = write_flart(rows, summary, out, settings.thresholds_gy)
+    if cfg.dvh:
+        files.update(write_dvh(curves, out))
     n = summary["n_patients"]
     print(f"ctpm-flart: {n} patient(s) -> {files['csv']}")
     return {"rows": rows, "summary": summary, "files": files}

@@ -12,6 +12,19 @@ from omegaconf import DictConfig, OmegaConf
 from ctpm.cli._common import CONF_DIR, user_errors
 from ctpm.data.manifest import load_manifest
 from ctpm.errors import CtpmError
+from ctpm.provenance import resolve_checkpoints
+
+
+def checkpoints(spec) -> list[Path]:
+    """ckpt= as checkpoint files: each entry a file, a run folder or a fold multirun folder
+    (``ctpm.provenance.resolve_checkpoints``)."""
+    entries = list(spec) if OmegaConf.is_list(spec) or isinstance(spec, (list, tuple)) else [spec]
+    out: list[Path] = []
+    for entry in entries:
+        out += [c for c in resolve_checkpoints(str(entry)) if c not in out]
+    if not out:
+        raise CtpmError("give at least one checkpoint: ckpt=PATH, ckpt=RUN_DIR or ckpt=[PATH,PATH]")
+    return out
 
 
 def _patients(cfg: DictConfig) -> list[dict]:
@@ -23,9 +36,28 @@ def _patients(cfg: DictConfig) -> list[dict]:
         p = {"patient_id": pid, "ct": ct}
         if cfg.lung_mask:
             p["lung_mask"] = Path(cfg.lung_mask)
-        return [p]
+        return [p], {pid: Path(cfg.lobes)} if cfg.lobes else {}
     m = load_manifest(cfg.manifest, require_spect=False, cohort=cfg.cohort)
-    return [{"patient_id": p.patient_id, "ct": p.ct, **({"lung_mask": p.lung_mask} if p.lung_mask else {})} for p in m]
+    patients = [{"patient_id": p.patient_id, "ct": p.ct, **({"lung_mask": p.lung_mask} if p.lung_mask else {})}
+                for p in m]
+    return patients, {p.patient_id: p.lobes for p in m if p.lobes is not None}
+
+
+def _qa(pred, ct_path: Path, lobes_path: Path | None, out: Path, threshold: float) -> dict:
+    """<id>_qa.png of one prediction; returns its table (volumes, mean perfusion per lung / lobe)."""
+    from ctpm.data.io import load_image
+    from ctpm.evaluation.qa import QaInput, qa_table, write_qa
+    from ctpm.geometry import Grid, resample_labels
+
+    ct = load_image(ct_path, kind="ct", patient=pred.patient_id)
+    lobes = None
+    if lobes_path is not None:
+        lv = load_image(lobes_path, kind="label", patient=pred.patient_id)
+        lobes = resample_labels(lv.array, lv.grid, Grid(pred.affine, pred.functional.shape))
+    q = QaInput(pred.patient_id, ct.array, pred.perfusion, pred.functional, pred.lungs, pred.affine,
+                std=pred.std, lobes=lobes)
+    write_qa(q, out, threshold=threshold)
+    return qa_table(q)
 
 
 def run(cfg: DictConfig) -> list[dict]:
@@ -33,14 +65,17 @@ def run(cfg: DictConfig) -> list[dict]:
     from ctpm.lightning.predictor import Predictor, write_prediction
 
     out = Path(cfg.out)
-    patients = _patients(cfg)
+    patients, lobes = _patients(cfg)
     existing = [p["patient_id"] for p in patients if (out / f"{p['patient_id']}.nii.gz").exists()]
     if existing and not cfg.overwrite:
         raise CtpmError(f"{len(existing)} prediction(s) exist already (e.g. {existing[0]}.nii.gz); "
                         "choose another out= or pass overwrite=true", path=out)
-    ckpts = cfg.ckpt if OmegaConf.is_list(cfg.ckpt) else [cfg.ckpt]
+    ckpts = checkpoints(cfg.ckpt)
+    if cfg.dicom_identity not in ("anonymous", "copy"):
+        raise CtpmError(f"dicom_identity must be anonymous or copy, not {cfg.dicom_identity!r}")
     predictor = Predictor([str(c) for c in ckpts], device=cfg.device, flip_tta=bool(cfg.flip_tta),
                           threshold=float(cfg.threshold), preprocessing=OmegaConf.to_container(cfg.preprocessing))
+    print(f"ctpm-predict: {len(ckpts)} model(s): " + ", ".join(str(c) for c in ckpts))
 
     def one(p: dict) -> dict:
         pred = predictor.predict(p)
@@ -48,10 +83,15 @@ def run(cfg: DictConfig) -> list[dict]:
         if cfg.dicom:
             from ctpm.data.dicom_export import write_prediction_dicom
 
-            write_prediction_dicom(p["ct"], pred.perfusion, pred.functional, pred.affine, out, pred.patient_id)
+            write_prediction_dicom(p["ct"], pred.perfusion, pred.functional, pred.affine, out, pred.patient_id,
+                                   lungs=pred.lungs, identity=str(cfg.dicom_identity))
         inside = pred.functional > 0
-        return {"patient_id": pred.patient_id, **{k: round(v, 2) for k, v in pred.volumes_ml().items()},
-                "mean_perfusion": round(float(pred.perfusion[inside].mean()) if inside.any() else 0.0, 4)}
+        row = {"patient_id": pred.patient_id, **{k: round(v, 2) for k, v in pred.volumes_ml().items()},
+               "mean_perfusion": round(float(pred.perfusion[inside].mean()) if inside.any() else 0.0, 4)}
+        if cfg.qa:
+            table = _qa(pred, Path(p["ct"]), lobes.get(pred.patient_id), out, float(cfg.threshold))
+            row.update({k: round(v, 4) for k, v in table.items() if k not in row and not k.endswith("_lungs")})
+        return row
 
     result = run_batch(one, patients, progress=bool(cfg.progress) and len(patients) > 1, desc="ctpm-predict")
     if len(patients) == 1:
@@ -60,11 +100,15 @@ def run(cfg: DictConfig) -> list[dict]:
     if rows:
         from ctpm.lightning.callbacks import write_provenance
 
-        write_provenance(out, predictor.cfg, checkpoints=[str(c) for c in ckpts])
+        write_provenance(out, predictor.cfg, checkpoints=[str(Path(c).absolute()) for c in ckpts])
         with (out / "predictions.csv").open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
             w.writeheader()
             w.writerows(rows)
+        if cfg.qa:
+            from ctpm.evaluation.qa import write_index
+
+            write_index(out, rows, models=[str(c) for c in ckpts])
     print(f"ctpm-predict: {len(rows)} patient(s) with {len(ckpts)} model(s) on {predictor.device} -> {out}")
     result.raise_if_failed("predicted")
     return rows

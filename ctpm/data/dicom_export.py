@@ -3,7 +3,8 @@
 When the CT came as a DICOM series, the planner imports two objects beside it, both in the CT's
 frame of reference, so the TPS overlays them on the planning CT without a registration:
 
-- an **RT Structure Set** with the high and low functional lung volumes as ROIs, one closed planar
+- an **RT Structure Set** with the high and low functional lung volumes and the whole lungs the
+  prediction used (``Lungs_CTPM``) as ROIs, one closed planar
   contour per connected outline per CT slice, each referencing that slice's SOPInstanceUID. The
   outlines are traced by marching squares at the 0.5 level of the mask (``contourpy``, which
   matplotlib already depends on), so they pass half-way between voxels inside and outside; a
@@ -18,10 +19,22 @@ frame of reference, so the TPS overlays them on the planning CT without a regist
   the shared FrameOfReferenceUID. ImageType DERIVED\\SECONDARY and the series description say
   it is not an image to calculate dose on.
 
-Patient identity (name, ID, birth date, sex) and the study's date, ID and accession number are
-not copied unless the caller asks (``anonymise=False``, e.g. so that the TPS files the objects
-under the same patient): a fixed placeholder stands in. The CT's Study, Series, Frame of
-Reference and SOP Instance UIDs are always kept: the references need them.
+Identity (``dicom_identity``, ctpm-predict's ``dicom_identity=``):
+
+- ``anonymous`` (default): a fixed placeholder patient (ANONYMOUS / CTPM-ANONYMOUS) in a study of
+  its own (a fresh StudyInstanceUID shared by the objects of one patient, no study date, ID or
+  accession number). Never the CT's StudyInstanceUID under the placeholder: a TPS or PACS may
+  refuse, or merge, one study UID under two patient IDs. For a research copy or a TPS that
+  accepts objects of an unknown patient and fuses them by frame of reference.
+- ``copy``: the CT's patient and study modules (PatientName, PatientID, PatientBirthDate,
+  PatientSex, StudyInstanceUID, StudyID, StudyDate, StudyTime, AccessionNumber,
+  ReferringPhysicianName, StudyDescription), so that the TPS files the objects with the planning
+  CT: the direct clinical import.
+
+Either way the CT's Frame of Reference UID and the references to its study, series and slices
+(``ReferencedFrameOfReferenceSequence`` with its ``RTReferencedStudySequence``,
+``ContourImageSequence``, ``SourceImageSequence``) are kept: the overlay and the contours need them,
+and a reference names the CT's study without filing the object in it.
 """
 
 from __future__ import annotations
@@ -29,15 +42,15 @@ from __future__ import annotations
 import datetime
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from ctpm.data.io import Volume, atomic_directory, load_image
-from ctpm.geometry import LPS_TO_RAS
 from ctpm.errors import CtpmError, warn
+from ctpm.geometry import LPS_TO_RAS
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -45,7 +58,9 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
 PLACEHOLDER = {"PatientName": "ANONYMOUS", "PatientID": "CTPM-ANONYMOUS", "PatientBirthDate": "", "PatientSex": ""}
 IDENTITY = tuple(PLACEHOLDER)
-STUDY_IDENTITY = ("StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName")
+STUDY_IDENTITY = ("StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDescription")
+IDENTITY_MODES = ("anonymous", "copy")
+LUNGS_ROI = ("Lungs_CTPM", (0, 200, 120), "ctpm: the lungs the prediction used (right and left)")
 # Labels of the functional map that ctpm-predict writes (ctpm.lightning.predictor: LOW, HIGH).
 FUNCTIONAL_ROIS = (
     (2, "Lungs_FuncHigh", (255, 80, 0), "ctpm: perfusion at or above the threshold"),
@@ -79,19 +94,23 @@ class Roi:
 
 def write_prediction_dicom(ct_path: str | Path, perfusion: np.ndarray, functional: np.ndarray,
                            affine: np.ndarray, out: str | Path, patient_id: str, *,
-                           anonymise: bool = True) -> dict[str, Path]:
-    """``<out>/<id>_rtstruct.dcm`` (high / low functional volumes) and ``<out>/<id>_perfusion_dicom/``
-    for a prediction on the grid of the DICOM CT at `ct_path` (perfusion, functional and affine as
-    ``ctpm.lightning.predictor.Prediction`` holds them)."""
+                           lungs: np.ndarray | None = None, identity: str = "anonymous") -> dict[str, Path]:
+    """``<out>/<id>_rtstruct.dcm`` (high / low functional volumes and, with `lungs`, the whole lungs
+    as ``Lungs_CTPM``) and ``<out>/<id>_perfusion_dicom/`` for a prediction on the grid of the DICOM
+    CT at `ct_path` (perfusion, functional, lungs and affine as ``ctpm.lightning.predictor.Prediction``
+    holds them). identity: "anonymous" or "copy" (see the module's docstring); both objects share it."""
     ct = load_dicom_ct(ct_path, patient=patient_id)
     if ct.shape != tuple(functional.shape) or not np.allclose(ct.affine, affine, atol=1e-3):
         raise CtpmError("the prediction is not on the grid of this DICOM CT", patient=patient_id, path=ct_path)
     out = Path(out)
     rois = [Roi(name, functional == label, colour, text) for label, name, colour, text in FUNCTIONAL_ROIS]
+    if lungs is not None:
+        rois.append(Roi(LUNGS_ROI[0], np.asarray(lungs) > 0, LUNGS_ROI[1], LUNGS_ROI[2]))
+    ident = dicom_identity(ct, identity)
     return {
-        "rtstruct": write_rtstruct(ct, rois, out / f"{patient_id}_rtstruct.dcm", anonymise=anonymise),
+        "rtstruct": write_rtstruct(ct, rois, out / f"{patient_id}_rtstruct.dcm", identity=ident),
         "perfusion_dicom": write_perfusion_series(ct, perfusion, out / f"{patient_id}_perfusion_dicom",
-                                                  anonymise=anonymise),
+                                                  identity=ident),
     }
 
 
@@ -155,10 +174,11 @@ def mask_contours(mask: np.ndarray, affine: np.ndarray) -> list[tuple[int, np.nd
 # --------------------------------------------------------------------------------------------------
 
 
-def write_rtstruct(ct: Volume, rois: Sequence[Roi], path: str | Path, *, anonymise: bool = True,
+def write_rtstruct(ct: Volume, rois: Sequence[Roi], path: str | Path, *, identity: str | dict = "anonymous",
                    label: str = "CTPM") -> Path:
     """An RT Structure Set of `rois` (masks on the CT grid) that references the DICOM CT `ct` (a
-    Volume from ``load_dicom_ct``): its study, series, frame of reference and, per contour, slice."""
+    Volume from ``load_dicom_ct``): its study, series, frame of reference and, per contour, slice.
+    identity: "anonymous", "copy" or a dict from ``dicom_identity``."""
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as DicomSequence
 
@@ -166,7 +186,7 @@ def write_rtstruct(ct: Volume, rois: Sequence[Roi], path: str | Path, *, anonymi
     uids = ct.meta["sop_instance_uids"]
     ct_class = ct.meta.get("sop_class_uid") or CT_IMAGE_STORAGE
     frame_uid = ct.meta["frame_of_reference_uid"]
-    ds = _new_dataset(ct, RT_STRUCTURE_SET_STORAGE, "RTSTRUCT", _identity(ct, anonymise))
+    ds = _new_dataset(ct, RT_STRUCTURE_SET_STORAGE, "RTSTRUCT", _as_identity(ct, identity))
     ds.SeriesNumber = RTSTRUCT_SERIES_NUMBER
     ds.SeriesDescription = "CTPM functional lung volumes"
     ds.StructureSetLabel = label
@@ -233,7 +253,8 @@ def write_rtstruct(ct: Volume, rois: Sequence[Roi], path: str | Path, *, anonymi
     return _save_atomic(ds, path)
 
 
-def write_perfusion_series(ct: Volume, perfusion: np.ndarray, folder: str | Path, *, anonymise: bool = True,
+def write_perfusion_series(ct: Volume, perfusion: np.ndarray, folder: str | Path, *,
+                           identity: str | dict = "anonymous",
                            description: str = "CTPM perfusion (1 = normal lung), not for dose calculation") -> Path:
     """The perfusion map (I, J, K) on the grid of the DICOM CT `ct` as a CT image series, one file
     per CT slice, in `folder` (replaced as a whole: written beside it and renamed).
@@ -260,7 +281,7 @@ def write_perfusion_series(ct: Volume, perfusion: np.ndarray, folder: str | Path
     stored = np.clip(np.rint((values - intercept) / slope), 0, STORED_MAX).astype(np.uint16)
     frames = np.ascontiguousarray(stored.transpose(2, 1, 0))  # (i = col, j = row, k) -> (k, row, col)
 
-    series_uid, identity = generate_uid(), _identity(ct, anonymise)
+    series_uid, identity = generate_uid(), _as_identity(ct, identity)
     with atomic_directory(folder) as tmp:
         for k, (src_file, ct_uid) in enumerate(zip(ct.meta["files"], ct.meta["sop_instance_uids"], strict=True)):
             src = pydicom.dcmread(src_file, stop_before_pixels=True, specific_tags=list(GEOMETRY))
@@ -302,18 +323,28 @@ def _ds(value: float) -> str:
     return f"{float(value):.10g}"
 
 
-def _identity(ct: Volume, anonymise: bool) -> dict:
-    """Patient and study identity for the new objects: the placeholder, or the CT's own."""
-    if anonymise:
-        return dict(PLACEHOLDER) | {k: "" for k in STUDY_IDENTITY}
+def dicom_identity(ct: Volume, mode: str = "anonymous") -> dict:
+    """Patient and study modules of the new objects (StudyInstanceUID included): "anonymous" the
+    placeholder in a fresh study, "copy" the CT's own (see the module's docstring)."""
+    from pydicom.uid import generate_uid
+
+    if mode not in IDENTITY_MODES:
+        raise CtpmError(f"dicom_identity must be one of {', '.join(IDENTITY_MODES)}, not {mode!r}")
+    if mode == "anonymous":
+        return dict(PLACEHOLDER) | {k: "" for k in STUDY_IDENTITY} | {"StudyInstanceUID": generate_uid()}
     import pydicom
 
     src = pydicom.dcmread(ct.meta["files"][0], stop_before_pixels=True)
-    return {k: src.get(k, "") for k in (*IDENTITY, *STUDY_IDENTITY)}
+    own = {k: src.get(k, "") for k in (*IDENTITY, *STUDY_IDENTITY)}
+    return own | {"StudyInstanceUID": ct.meta["study_instance_uid"]}
+
+
+def _as_identity(ct: Volume, identity: str | dict) -> dict:
+    return dict(identity) if isinstance(identity, dict) else dicom_identity(ct, identity)
 
 
 def _new_dataset(ct: Volume, sop_class: str, modality: str, identity: dict, series_uid: str | None = None):
-    """The modules every object shares: SOP common, patient, study (the CT's), series, equipment."""
+    """The modules every object shares: SOP common, patient, study (`identity`'s), series, equipment."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -330,7 +361,6 @@ def _new_dataset(ct: Volume, sop_class: str, modality: str, identity: dict, seri
     ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.Modality = modality
     ds.Manufacturer = "ctpm"
-    ds.StudyInstanceUID = ct.meta["study_instance_uid"]
     ds.SeriesInstanceUID = series_uid or generate_uid()
     ds.OperatorsName = ""
     for key, value in identity.items():
@@ -348,3 +378,92 @@ def _save_atomic(ds, path: Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a plan's RT Structure Set back onto the CT grid
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StructureSet:
+    """An RT Structure Set as far as rasterising it needs: its frame of reference and, per ROI
+    name, the contours ((M, 3) patient LPS mm, closed planar)."""
+
+    path: Path
+    frame_of_reference_uid: str
+    contours: dict[str, list[np.ndarray]]
+
+
+def read_structure_set(path: str | Path, *, patient: str | None = None) -> StructureSet:
+    """The ROIs and frame of reference of an RT Structure Set file (the plan's ``RS*.dcm``)."""
+    import pydicom
+
+    path = Path(path)
+    if not path.is_file():
+        raise CtpmError("RT Structure Set file does not exist", patient=patient, path=path)
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
+        raise CtpmError(f"cannot read the DICOM file ({type(exc).__name__}: {exc})", patient=patient,
+                        path=path) from None
+    if ds.get("Modality") != "RTSTRUCT":
+        raise CtpmError(f"not an RT Structure Set (Modality {ds.get('Modality', 'missing')})", patient=patient,
+                        path=path)
+    frames = {str(f.FrameOfReferenceUID) for f in ds.get("ReferencedFrameOfReferenceSequence", [])}
+    frames |= {str(r.ReferencedFrameOfReferenceUID) for r in ds.get("StructureSetROISequence", [])
+               if "ReferencedFrameOfReferenceUID" in r}
+    if len(frames) != 1:
+        raise CtpmError(f"the RT Structure Set names {len(frames)} frames of reference; one is needed",
+                        patient=patient, path=path)
+    names = {int(r.ROINumber): str(r.ROIName) for r in ds.get("StructureSetROISequence", [])}
+    contours: dict[str, list[np.ndarray]] = {name: [] for name in names.values()}
+    for item in ds.get("ROIContourSequence", []):
+        name = names.get(int(item.ReferencedROINumber))
+        if name is None:
+            continue
+        for c in item.get("ContourSequence", []):
+            if str(c.get("ContourGeometricType", "CLOSED_PLANAR")).upper() != "CLOSED_PLANAR":
+                continue  # points and open lines enclose no volume
+            contours[name].append(np.asarray([float(v) for v in c.ContourData], np.float64).reshape(-1, 3))
+    return StructureSet(path, frames.pop(), contours)
+
+
+def rasterise_rois(structures: StructureSet, names: Sequence[str], grid_affine: np.ndarray,
+                   shape: Sequence[int], *, patient: str | None = None) -> np.ndarray:
+    """The union of the ROIs `names` as a mask on an axial grid (I, J, K) with the RAS `grid_affine`:
+    each contour filled at the voxel centres of its slice, the contours of one ROI on one slice
+    combined by the even-odd rule (a hole is a contour inside another), as TPSs read them. A
+    contour lies on the slice nearest its plane; one more than a quarter voxel off every slice is
+    refused (the structures belong to another CT)."""
+    from matplotlib.path import Path as Polygon
+
+    shape = tuple(int(n) for n in shape)
+    missing = [n for n in names if n not in structures.contours]
+    if missing:
+        raise CtpmError(f"the RT Structure Set has no ROI {', '.join(map(repr, missing))}; it holds "
+                        f"{', '.join(map(repr, sorted(structures.contours))) or 'none'}",
+                        patient=patient, path=structures.path)
+    to_index = np.linalg.inv(LPS_TO_RAS @ np.asarray(grid_affine, np.float64))
+    out = np.zeros(shape, bool)
+    for name in names:
+        if not structures.contours[name]:
+            raise CtpmError(f"ROI {name!r} has no closed contours", patient=patient, path=structures.path)
+        roi = np.zeros(shape, bool)
+        for lps in structures.contours[name]:
+            ijk = lps @ to_index[:3, :3].T + to_index[:3, 3]
+            k = int(np.rint(ijk[:, 2].mean()))
+            if np.max(np.abs(ijk[:, 2] - k)) > 0.25 or not 0 <= k < shape[2]:
+                raise CtpmError(f"ROI {name!r} has a contour off the CT's slices (at slice index "
+                                f"{ijk[:, 2].mean():.2f}); are these the structures of this CT?",
+                                patient=patient, path=structures.path)
+            # only the centres in the contour's box can lie inside it
+            lo = np.maximum(np.floor(ijk[:, :2].min(0)).astype(int), 0)
+            hi = np.minimum(np.ceil(ijk[:, :2].max(0)).astype(int) + 1, shape[:2])
+            if np.any(hi <= lo):
+                continue
+            box = np.stack(np.meshgrid(np.arange(lo[0], hi[0]), np.arange(lo[1], hi[1]), indexing="ij"), -1)
+            inside = Polygon(ijk[:, :2]).contains_points(box.reshape(-1, 2)).reshape(box.shape[:2])
+            roi[lo[0]:hi[0], lo[1]:hi[1], k] ^= inside
+        out |= roi
+    return out

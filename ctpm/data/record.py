@@ -136,9 +136,28 @@ def to_ct(grid_map: np.ndarray, record: "PatientRecord") -> np.ndarray:
     voxels at the border are not pulled towards the 0 outside), inside the lungs the
     preprocessing used on the CT grid."""
     lungs = np.asarray(record.grid_lungs)
-    out, weight = resample_masked(grid_map, lungs > 0, record.grid, record.ct_grid)
-    out[~((weight > 1e-3) & (np.asarray(record.ct_lungs) > 0))] = 0.0
+    ct_lungs = np.asarray(record.ct_lungs) > 0
+    out = np.zeros(record.ct_grid.shape, np.float32)
+    box = _bounding_box(ct_lungs)
+    if box is None:
+        return out
+    # Only the lungs' box of the CT grid is resampled (the rest is 0 by definition): on a 512^2 CT
+    # the full-grid temporaries, not the interpolation, would take most of the time.
+    values, weight = resample_masked(grid_map, lungs > 0, record.grid, record.ct_grid[box])
+    values[~((weight > 1e-3) & ct_lungs[box])] = 0.0
+    out[box] = values
     return out
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """Index slices of the smallest box holding every True voxel (None when there is none)."""
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if hit.size == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,6 +15,17 @@ Each is given for both lungs together, for each lung (``_right``, ``_left``) and
 the grid of the lung mask (the CT's grid): the dose, and a perfusion map given on another grid
 (SPECT), are interpolated trilinearly at the centres of the lung voxels in world coordinates.
 
+The lungs come as a label map (``<id>_lungs.nii.gz`` of ctpm-predict, ``lungs.nii.gz`` of
+ctpm-preprocess), a lobe map, or the plan's own RT Structure Set (``structures=RS.dcm`` with the
+ROI name(s), e.g. "Lungs-GTV"), rasterised onto the grid of the planning CT (``ct=``, its DICOM
+series: the structures' contours reference its slices and its frame of reference). The frames of
+reference of the CT, the RT Dose and the structures must be one; a functional-volume map
+(``<id>_functional.nii.gz``, also 0 / 1 / 2) given as the lungs is refused.
+
+Beside the metrics, the cumulative dose-volume histogram (DVH: % of the lung volume receiving at
+least d Gy) and its perfusion-weighted form (% of the lung perfusion at or above d Gy) are written
+per patient as a table and a plot (``dvh/<id>_dvh.csv``, ``.png``); at d = 20 Gy they are V20 and fV20.
+
 Perfusion is the CT-based map of ``ctpm-predict`` (standardised: 1.0 = normal-functioning lung) or
 a SPECT, standardised the same way (÷ its 75th percentile in the lungs, clipped to 1) so that both
 weight the dose with the same quantity. The scale itself cancels in fMLD and fVx; the clip does not.
@@ -23,18 +34,19 @@ weight the dose with the same quantity. The scale itself cancels in fMLD and fVx
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ctpm.data.io import Volume, load_image
+from ctpm.batch import BatchResult, Failure
+from ctpm.data.io import DESCRIPTIONS, Volume, load_image
 from ctpm.data.lungs import LEFT, RIGHT
 from ctpm.data.manifest import Manifest
 from ctpm.data.transforms import standardise_spect
-from ctpm.batch import BatchResult, Failure
 from ctpm.errors import CtpmError, warn
 from ctpm.evaluation.evaluate import find_predictions
 from ctpm.evaluation.report import _write_atomic, json_safe
@@ -361,16 +373,53 @@ class FlartSettings:
 
 def flart_patient(dose: str | Path, perfusion: str | Path, *, lungs: str | Path | None = None,
                   lobes: str | Path | None = None, kind: str = "prediction", patient_id: str = "patient",
-                  settings: FlartSettings | None = None) -> dict[str, Any]:
-    """The metrics of one plan with one perfusion map (a row of flart.csv)."""
+                  settings: FlartSettings | None = None, structures: str | Path | None = None,
+                  lungs_roi: Any = None, ct: str | Path | None = None, registration: str | Path | None = None,
+                  dvh: dict[str, pd.DataFrame] | None = None) -> dict[str, Any]:
+    """The metrics of one plan with one perfusion map (a row of flart.csv).
+
+    The lungs: `lungs` (labels or a mask) and/or `lobes`, or `structures` (an RT Structure Set) with
+    `lungs_roi` rasterised on the DICOM CT `ct`. With `ct` the frames of reference of CT, RT Dose and
+    structures are compared. `dvh`, when given, receives the patient's DVH table under its id.
+    """
     s = settings or FlartSettings()
-    regions = lung_regions(_maybe_label(lungs, patient_id), _maybe_label(lobes, patient_id), patient=patient_id)
+    frames: dict[str, str] = {}
+    if structures is not None:
+        if ct is None:
+            raise CtpmError("structures= needs ct=, the planning CT's DICOM series: the contours are drawn on "
+                            "its slices", patient=patient_id)
+        if lungs is not None:
+            raise CtpmError("give the lungs once: lungs= or structures= with lungs_roi=", patient=patient_id)
+        lung_vol = structure_lungs(structures, lungs_roi, ct, patient=patient_id)
+        frames[f"the RT Structure Set ({structures})"] = lung_vol.meta["frame_of_reference_uid"]
+    else:
+        lung_vol = _lung_labels(lungs, patient_id)
+        if ct is not None:
+            ct_meta = load_image(ct, kind="ct", patient=patient_id).meta
+            frames[f"the CT ({ct})"] = ct_meta.get("frame_of_reference_uid", "")
+    regions = lung_regions(lung_vol, _maybe_label(lobes, patient_id), patient=patient_id)
+    if structures is not None:
+        regions.source = "structures " + ", ".join(_roi_names(lungs_roi))
     dose_vol = load_dose(dose, patient=patient_id, unit=s.dose_unit)
+    frames[f"the RT Dose ({dose})"] = dose_vol.meta.get("frame_of_reference_uid", "")
+    check_frames_of_reference(frames, patient=patient_id)
     dose_gy, coverage = dose_at(regions, dose_vol, patient=patient_id, min_coverage=s.min_dose_coverage)
     perf_vol = load_image(perfusion, kind="spect" if kind == "spect" else "perfusion", patient=patient_id)
+    if kind == "spect" and (reg := registration or registration_beside(lungs)) is not None:
+        perf_vol = registered(perf_vol, reg)
     perf = perfusion_at(regions, perf_vol, kind=kind, patient=patient_id, min_coverage=s.min_perfusion_coverage)
+    if dvh is not None:
+        dvh[patient_id] = dvh_table(dose_gy, {kind: perf}, regions)
     return {"patient_id": patient_id, "source": kind, "lungs_from": regions.source, "dose_coverage": coverage,
             **region_metrics(dose_gy, perf, regions, s.thresholds_gy)}
+
+
+def _roi_names(rois: Any) -> list[str]:
+    if isinstance(rois, str):
+        return [rois]
+    if isinstance(rois, Mapping):
+        return [f"{k}={v}" for k, v in rois.items()]
+    return [str(r) for r in rois]
 
 
 def lungs_file(lungs: str | Path, patient_id: str) -> Path:
@@ -387,16 +436,205 @@ def _maybe_label(path: str | Path | None, patient: str | None) -> Volume | None:
     return None if path is None else load_image(path, kind="label", patient=patient)
 
 
+def _lung_labels(path: str | Path | None, patient: str | None) -> Volume | None:
+    """A lung label map or mask, refusing ctpm-predict's functional-volume map: it holds 0 / 1 / 2
+    too, and read as lungs it would give the high-functioning lung as the left lung."""
+    vol = _maybe_label(path, patient)
+    if vol is not None and is_functional_map(vol):
+        raise CtpmError("this is a functional-volume map (1 low, 2 high), not the lungs; give ctpm-predict's "
+                        "<id>_lungs.nii.gz (1 right, 2 left) or the plan's structures (structures=RS.dcm "
+                        "lungs_roi=NAME ct=CT)", patient=patient, path=path)
+    return vol
+
+
+def is_functional_map(vol: Volume) -> bool:
+    """ctpm-predict's functional-volume map: by its header (``descrip``), or, for files written
+    before ctpm recorded it, by its name ``<id>_functional.nii[.gz]`` and labels within 0 / 1 / 2."""
+    if vol.meta.get("description") == DESCRIPTIONS["functional"]:
+        return True
+    name = Path(str(vol.meta.get("source", ""))).name
+    tagged_lungs = vol.meta.get("description") == DESCRIPTIONS["lungs"]
+    if name.endswith(("_functional.nii.gz", "_functional.nii")) and not tagged_lungs:
+        return bool(set(np.unique(np.rint(vol.array)).tolist()) <= {0, 1, 2})
+    return False
+
+
+def registration_beside(lungs: str | Path | None) -> Path | None:
+    """The SPECT-to-CT registration of a patient's ctpm-preprocess cache entry, when `lungs` is that
+    patient's ``<cache>/<id>/lungs.nii.gz`` and an entry below holds ``registration.json``
+    (``preprocessing.register_spect``). Entries of several configs with different transforms are
+    ambiguous: refused, name one with registration=."""
+    if lungs is None or Path(lungs).name != "lungs.nii.gz":
+        return None
+    found = sorted(Path(lungs).parent.glob("*/registration.json"))
+    if len(found) <= 1:
+        return found[0] if found else None
+    matrices = [np.asarray(_registration_matrix(f)) for f in found]
+    if all(np.allclose(m, matrices[0], atol=1e-6) for m in matrices[1:]):
+        return found[0]
+    raise CtpmError(f"{len(found)} cache entries hold different SPECT-to-CT registrations "
+                    f"({', '.join(str(f) for f in found)}); name one with registration=PATH", path=lungs)
+
+
+def _registration_matrix(path: str | Path) -> np.ndarray:
+    import json
+
+    try:
+        record = json.loads(Path(path).read_text())
+        m = np.asarray(record["matrix_ras"], np.float64)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CtpmError(f"not a ctpm registration.json ({type(exc).__name__}: {exc})", path=path) from None
+    if m.shape != (4, 4) or not np.all(np.isfinite(m)) or abs(np.linalg.det(m[:3, :3])) < 1e-6:
+        raise CtpmError("registration.json holds no invertible 4x4 matrix_ras", path=path)
+    return m
+
+
+def registered(spect: Volume, registration: str | Path) -> Volume:
+    """The SPECT placed on the CT by a ctpm registration (``registration.json``: ``matrix_ras`` maps a
+    CT point to the SPECT point of the same anatomy, so the registered affine is inv(matrix) @ affine,
+    as ``ctpm.data.registration.Registration.registered_affine``). The voxels are not resampled."""
+    m = _registration_matrix(registration)
+    return Volume(spect.array, np.linalg.inv(m) @ spect.affine, {**spect.meta, "registration": str(registration)})
+
+
+def check_frames_of_reference(uids: Mapping[str, str], *, patient: str | None = None) -> None:
+    """One frame of reference for every DICOM object of a plan (name -> FrameOfReferenceUID; objects
+    without one, e.g. NIfTI files, are left out). Two frames mean two coordinate systems: a dose or
+    structures of another CT, or of the same patient scanned again, which no resampling fixes."""
+    known = {name: uid for name, uid in uids.items() if uid}
+    for (a, ua), (b, ub) in zip(list(known.items()), list(known.items())[1:]):
+        if ua != ub:
+            raise CtpmError(f"frames of reference differ: {a} has FrameOfReferenceUID {ua}, {b} has {ub}; "
+                            "export the dose and structures of the plan on this CT", patient=patient)
+
+
+def structure_lungs(structures: str | Path, rois: Any, ct: str | Path, *, patient: str | None = None) -> Volume:
+    """The lungs from the plan's RT Structure Set, as labels on the grid of the DICOM CT `ct`.
+
+    rois: one ROI name (a whole-lung structure such as "Lungs-GTV": sides unknown), a list of names
+    (their union), or a mapping {"right": name(s), "left": name(s)} (1 right, 2 left). Checks that the
+    structures are in the CT's frame of reference. meta holds both frames of reference.
+    """
+    from ctpm.data.dicom_export import load_dicom_ct, rasterise_rois, read_structure_set
+
+    ct_vol = load_dicom_ct(ct, patient=patient)
+    rs = read_structure_set(structures, patient=patient)
+    check_frames_of_reference({f"the CT ({ct})": ct_vol.meta.get("frame_of_reference_uid", ""),
+                               f"the RT Structure Set ({structures})": rs.frame_of_reference_uid}, patient=patient)
+    if rois is None or (not isinstance(rois, (str, Mapping)) and not list(rois)):
+        raise CtpmError("with structures=, name the lung ROI(s): lungs_roi=NAME, lungs_roi=[NAME,NAME] or "
+                        "lungs_roi={right: NAME, left: NAME}; the structure set holds "
+                        f"{', '.join(map(repr, sorted(rs.contours)))}", patient=patient, path=structures)
+
+    def names(v: Any) -> list[str]:
+        return [v] if isinstance(v, str) else [str(x) for x in v]
+
+    labels = np.zeros(ct_vol.shape, np.uint8)
+    if isinstance(rois, Mapping):
+        if set(rois) != {"right", "left"}:
+            raise CtpmError(f"lungs_roi as a mapping takes the keys right and left, not {sorted(rois)}")
+        right = rasterise_rois(rs, names(rois["right"]), ct_vol.affine, ct_vol.shape, patient=patient)
+        left = rasterise_rois(rs, names(rois["left"]), ct_vol.affine, ct_vol.shape, patient=patient)
+        labels[right] = RIGHT
+        labels[left & ~right] = LEFT
+    else:
+        labels[rasterise_rois(rs, names(rois), ct_vol.affine, ct_vol.shape, patient=patient)] = 1
+    return Volume(labels, ct_vol.affine, {"source": str(structures), "format": "rtstruct",
+                                          "frame_of_reference_uid": rs.frame_of_reference_uid})
+
+
+# --------------------------------------------------------------------------------------------------
+# Dose-volume histograms
+# --------------------------------------------------------------------------------------------------
+
+DVH_STEP_GY = 0.1
+DVH_REGIONS = ("lungs", "right", "left")
+
+
+def cumulative_dvh(dose_gy: np.ndarray, doses: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """% of the voxels (or, with weights, of the weight; negative weights count 0) at dose >= each
+    of `doses` (Gy): the cumulative DVH. NaN when there is nothing to count."""
+    d = np.asarray(dose_gy, np.float64).ravel()
+    w = np.ones_like(d) if weights is None else np.clip(np.asarray(weights, np.float64).ravel(), 0.0, None)
+    total = float(w.sum())
+    if d.size == 0 or total <= 0:
+        return np.full(len(doses), math.nan)
+    order = np.argsort(d, kind="stable")
+    d_sorted, tail = d[order], np.cumsum(w[order][::-1])[::-1]  # tail[i]: weight of the voxels from i on
+    first = np.searchsorted(d_sorted, np.asarray(doses, np.float64), side="left")  # first voxel >= dose
+    at_or_above = np.where(first < d.size, tail[np.minimum(first, d.size - 1)], 0.0)
+    return 100.0 * at_or_above / total
+
+
+def dvh_table(dose_gy: np.ndarray, maps: Mapping[str, np.ndarray], regions: LungRegions,
+              step_gy: float = DVH_STEP_GY) -> pd.DataFrame:
+    """The DVH and perfusion-weighted DVH of each region (whole lungs, right, left): columns
+    ``dose_gy``, ``V_<region>`` (% volume) and ``fV_<region>_<source>`` (% perfusion) per map."""
+    top = float(np.max(dose_gy)) if np.size(dose_gy) else 0.0
+    doses = np.round(np.arange(0.0, top + step_gy, step_gy), 6)
+    table: dict[str, np.ndarray] = {"dose_gy": doses}
+    for name in DVH_REGIONS:
+        if name not in regions.regions:
+            continue
+        sel = regions.regions[name]
+        table[f"V_{name}"] = cumulative_dvh(dose_gy[sel], doses)
+        for source, w in maps.items():
+            table[f"fV_{name}_{source}"] = cumulative_dvh(dose_gy[sel], doses, w[sel])
+    return pd.DataFrame(table)
+
+
+def write_dvh(tables: Mapping[str, pd.DataFrame], out: str | Path) -> dict[str, Path]:
+    """``<out>/dvh/<id>_dvh.csv`` and ``<id>_dvh.png`` per patient (solid: volume, dashed: perfusion;
+    one colour per region), each written atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    folder = Path(out) / "dvh"
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    colours = {"lungs": "black", "right": "tab:blue", "left": "tab:red"}
+    styles = ["--", ":", "-."]
+    for pid, df in tables.items():
+        files[f"{pid}_csv"] = _write_atomic(folder / f"{pid}_dvh.csv", df.to_csv(index=False, float_format="%.6g"))
+        fig, ax = plt.subplots(figsize=(6.0, 4.0))
+        try:
+            for name in DVH_REGIONS:
+                if f"V_{name}" not in df:
+                    continue
+                ax.plot(df["dose_gy"], df[f"V_{name}"], color=colours[name], lw=1.5, label=f"{name}: volume")
+                weighted = [c for c in df if c.startswith(f"fV_{name}_")]
+                for style, col in zip(styles, weighted):
+                    ax.plot(df["dose_gy"], df[col], color=colours[name], lw=1.2, ls=style,
+                            label=f"{name}: perfusion ({col[len(f'fV_{name}_'):]})")
+            ax.set(xlabel="dose (Gy)", ylabel="% at or above the dose", ylim=(0, 101), xlim=(0, None),
+                   title=f"{pid}: DVH and perfusion-weighted DVH")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+        finally:
+            plt.close(fig)
+        files[f"{pid}_png"] = _write_atomic(folder / f"{pid}_dvh.png", buffer.getvalue())
+    return files
+
+
 def flart_cohort(manifest: Manifest, predictions: Any, *, lungs: str | Path | None = None,
                  settings: FlartSettings | None = None, progress: bool = False) -> dict[str, Any]:
     """Every patient of the manifest with a dose: metrics with the CT-based map
     (``<predictions>/<id>.nii.gz``) and with the SPECT, and SPECT minus CT-based.
 
     Lungs, in this order: `lungs` (see :func:`lungs_file`), the manifest's ``lung_mask``, its
-    ``lobes``. Lobes, when the manifest has them, also give the per-lobe metrics. Every patient is
-    tried; problems are reported together, and nothing is returned unless every patient worked.
+    ``lobes``. A SPECT is placed by the cache entry's ``registration.json`` when `lungs` is a
+    ctpm-preprocess cache made with ``register_spect`` (:func:`registration_beside`). Lobes, when
+    the manifest has them, also give the per-lobe metrics. Every patient is tried; problems are
+    reported together, and nothing is returned unless every patient worked.
 
-    Returns {"rows": [...], "summary": {...}} (see :func:`summarise`).
+    Returns {"rows": [...], "summary": {...}, "dvh": {patient_id: table}} (see :func:`summarise`,
+    :func:`dvh_table`).
     """
     from tqdm.auto import tqdm
 
@@ -414,6 +652,7 @@ def flart_cohort(manifest: Manifest, predictions: Any, *, lungs: str | Path | No
     rows: list[dict[str, Any]] = []
     failed: list[Failure] = []
     without_spect: list[str] = []
+    curves: dict[str, pd.DataFrame] = {}
     todo = [p for p in with_dose if p.patient_id in found]
     for p in tqdm(todo, desc="ctpm-flart", unit="patient", disable=not progress or len(todo) < 2):
         pid = p.patient_id
@@ -422,15 +661,18 @@ def flart_cohort(manifest: Manifest, predictions: Any, *, lungs: str | Path | No
             if lungs_path is None and p.lobes is None:
                 raise CtpmError("no lungs: pass lungs=CACHE (the ctpm-preprocess folder, with "
                                 "<patient_id>/lungs.nii.gz) or give the manifest a lung_mask or lobes column")
-            regions = lung_regions(_maybe_label(lungs_path, pid), _maybe_label(p.lobes, pid), patient=pid)
+            regions = lung_regions(_lung_labels(lungs_path, pid), _maybe_label(p.lobes, pid), patient=pid)
             dose_gy, coverage = dose_at(regions, load_dose(p.dose, patient=pid, unit=s.dose_unit), patient=pid,
                                         min_coverage=s.min_dose_coverage)
             ct_map = load_image(found[pid], kind="perfusion", patient=pid)
             maps = {"ct": perfusion_at(regions, ct_map, kind="prediction", patient=pid,
                                        min_coverage=s.min_perfusion_coverage)}
             if p.spect is not None:
-                maps["spect"] = perfusion_at(regions, load_image(p.spect, kind="spect", patient=pid), kind="spect",
-                                             patient=pid, min_coverage=s.min_perfusion_coverage)
+                spect = load_image(p.spect, kind="spect", patient=pid)
+                if (reg := registration_beside(lungs_path)) is not None:
+                    spect = registered(spect, reg)
+                maps["spect"] = perfusion_at(regions, spect, kind="spect", patient=pid,
+                                             min_coverage=s.min_perfusion_coverage)
             else:
                 without_spect.append(pid)
         except CtpmError as err:
@@ -439,6 +681,7 @@ def flart_cohort(manifest: Manifest, predictions: Any, *, lungs: str | Path | No
         base = {"patient_id": pid, "cohort": p.cohort, "institution": p.institution,
                 "lungs_from": regions.source, "dose_coverage": coverage}
         by_source = {src: region_metrics(dose_gy, w, regions, s.thresholds_gy) for src, w in maps.items()}
+        curves[pid] = dvh_table(dose_gy, maps, regions)
         rows += [{**base, "source": src, **m} for src, m in by_source.items()]
         if "spect" in by_source:
             weighted = [k for k in by_source["ct"] if k.startswith("f")]
@@ -450,7 +693,7 @@ def flart_cohort(manifest: Manifest, predictions: Any, *, lungs: str | Path | No
         warn(f"{len(without_spect)} patient(s) have no SPECT; CT-based metrics only: {', '.join(without_spect)}")
     summary = summarise(rows, s.thresholds_gy)
     summary.update(missing_prediction=missing, without_spect=without_spect)
-    return {"rows": rows, "summary": summary}
+    return {"rows": rows, "summary": summary, "dvh": curves}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,15 +7,15 @@ standard deviation is written as an uncertainty map.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import hydra
 import numpy as np
 import torch
 
-from ctpm.data.io import save_nifti
+from ctpm.data.io import DESCRIPTIONS, save_nifti
 from ctpm.data.preprocess import preprocess_patient
 from ctpm.data.record import PatientRecord, restore, to_ct
 from ctpm.data.transforms import PreprocessConfig
@@ -101,19 +101,30 @@ class Predictor:
         perf = to_ct(restore(mean, rec), rec)
         sd = to_ct(restore(std, rec), rec) if std is not None else None
         mask = rec.ct_mask
-        functional = np.zeros(perf.shape, np.uint8)
-        functional[mask & (perf < self.threshold)] = LOW
-        functional[mask & (perf >= self.threshold)] = HIGH
+        functional = mask.astype(np.uint8)  # LOW in the evaluated lung ...
+        functional += mask & (perf >= self.threshold)  # ... HIGH at or above the threshold
         return Prediction(rec.patient_id, perf, sd, functional, rec.ct_grid.affine, rec.ct_lungs, rec.ct_grid.voxel_ml)
 
 
 def write_prediction(pred: Prediction, out: Path) -> dict[str, Path]:
-    """<id>.nii.gz (perfusion), <id>_functional.nii.gz (1 low, 2 high) and <id>_std.nii.gz."""
+    """<id>.nii.gz (perfusion), <id>_functional.nii.gz (1 low, 2 high), <id>_lungs.nii.gz (1 right,
+    2 left: the lungs the maps were made in, e.g. for ctpm-flart) and <id>_std.nii.gz, in the CT's
+    geometry; the header's descrip says which map a file is (``ctpm.data.io.DESCRIPTIONS``).
+
+    The files are written by parallel threads: zlib compresses without holding the GIL, so on 2
+    cores the compression of the float map overlaps that of the label maps."""
+    from concurrent.futures import ThreadPoolExecutor
+
     out.mkdir(parents=True, exist_ok=True)
-    files = {
-        "perfusion": save_nifti(pred.perfusion, pred.affine, out / f"{pred.patient_id}.nii.gz", np.float32),
-        "functional": save_nifti(pred.functional, pred.affine, out / f"{pred.patient_id}_functional.nii.gz", np.uint8),
+    pid = pred.patient_id
+    jobs = {
+        "perfusion": (pred.perfusion, f"{pid}.nii.gz", np.float32),
+        "functional": (pred.functional, f"{pid}_functional.nii.gz", np.uint8),
+        "lungs": (pred.lungs, f"{pid}_lungs.nii.gz", np.uint8),
     }
     if pred.std is not None:
-        files["std"] = save_nifti(pred.std, pred.affine, out / f"{pred.patient_id}_std.nii.gz", np.float32)
-    return files
+        jobs["std"] = (pred.std, f"{pid}_std.nii.gz", np.float32)
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        futures = {key: pool.submit(save_nifti, array, pred.affine, out / name, dtype, description=DESCRIPTIONS[key])
+                   for key, (array, name, dtype) in jobs.items()}
+        return {key: f.result() for key, f in futures.items()}
