@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import scipy.stats
@@ -109,9 +109,9 @@ def run(quick: bool = False) -> list[dict]:
             else "2e6 voxels, both quantised, 15% zeros in both"
         )
         scipy_time, scipy_value = _median_time(
-            lambda: float(scipy.stats.spearmanr(preds, target).statistic), repeats
+            lambda p=preds, t=target: float(scipy.stats.spearmanr(p, t).statistic), repeats
         )
-        ours_time, ours_value = _median_time(lambda: spearman_r(preds, target), repeats)
+        ours_time, ours_value = _median_time(lambda p=preds, t=target: spearman_r(p, t), repeats)
         rows.append(
             _row(
                 "spearman_r", f"time ({data}; {median})", ours_time, "s",
@@ -131,7 +131,7 @@ def run(quick: bool = False) -> list[dict]:
         )
         preds_tensor, target_tensor = torch.from_numpy(preds), torch.from_numpy(target)
         theirs_time, theirs_value = _median_time(
-            lambda: spearman_corrcoef(preds_tensor, target_tensor).item(), repeats
+            lambda p=preds_tensor, t=target_tensor: spearman_corrcoef(p, t).item(), repeats
         )
         rows.append(
             _row(

@@ -29,10 +29,10 @@ from benchmarks.run import GB, bench_main, median, repeats_text, row, run_child
 from ctpm.data.cache import PreprocessCache
 from ctpm.data.datamodule import LungDataset
 from ctpm.data.manifest import load_manifest
-from ctpm.synth import synthesise
 from ctpm.data.transforms import PreprocessConfig
 from ctpm.lightning.module import masked_loss
 from ctpm.models import ARNN
+from ctpm.synth import synthesise
 
 CHILD_MODULE = "benchmarks.bench_train"  # not __name__: that is "__main__" under python -m
 BATCH = 2
@@ -105,7 +105,7 @@ def _child(task: dict) -> dict:
         ct, spect = torch.rand(shape, device=device), torch.rand(shape, device=device)
         lung = (torch.rand(shape, device=device) > 0.3).float()
 
-        def train_step() -> None:
+        def train_step(ct=ct, lung=lung, spect=spect) -> None:
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=task["bf16"]):
                 pred = model(ct, lung)

@@ -8,9 +8,10 @@ as "N of M patients could not be <verb>:" with one line each. Anything else (a b
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ctpm.errors import CtpmError
 
@@ -24,7 +25,7 @@ class Failure:
     path: str | None = None
 
     @classmethod
-    def from_error(cls, err: CtpmError, patient: str | None = None) -> "Failure":
+    def from_error(cls, err: CtpmError, patient: str | None = None) -> Failure:
         return cls(err.patient if err.patient is not None else patient, err.message, err.path)
 
     def error(self) -> CtpmError:

@@ -27,7 +27,7 @@ class CtpmError(Exception):
             where.append(f"file {self.path}")
         return f"{', '.join(where)}: {self.message}" if where else self.message
 
-    def with_context(self, *, patient: str | None = None, path: str | Path | None = None) -> "CtpmError":
+    def with_context(self, *, patient: str | None = None, path: str | Path | None = None) -> CtpmError:
         """Fill in the patient or file where the raising code did not know them."""
         if self.patient is None and patient is not None:
             self.patient = patient

@@ -12,8 +12,8 @@ outermost centres.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -35,7 +35,7 @@ class Grid:
         object.__setattr__(self, "_axis_aligned", not (m[0, 1] or m[0, 2] or m[1, 0] or m[1, 2] or m[2, 0] or m[2, 1]))
 
     @classmethod
-    def of(cls, obj) -> "Grid":
+    def of(cls, obj) -> Grid:
         """The grid of anything with ``affine`` and ``shape`` (a Volume, a MetaTensor, a Grid)."""
         if isinstance(obj, Grid):
             return obj
@@ -44,14 +44,14 @@ class Grid:
         return cls(np.asarray(aff, np.float64), tuple(obj.shape)[-3:])
 
     @classmethod
-    def axis_aligned(cls, shape: Sequence[int], spacing: Sequence[float], origin: Sequence[float]) -> "Grid":
+    def axis_aligned(cls, shape: Sequence[int], spacing: Sequence[float], origin: Sequence[float]) -> Grid:
         """world = origin + index * spacing (no rotation, no flip)."""
         a = np.diag([*[float(s) for s in spacing], 1.0])
         a[:3, 3] = [float(o) for o in origin]
         return cls(a, tuple(int(s) for s in shape))
 
     @classmethod
-    def around(cls, lo: Sequence[float], hi: Sequence[float], spacing: float) -> "Grid":
+    def around(cls, lo: Sequence[float], hi: Sequence[float], spacing: float) -> Grid:
         """The axis-aligned grid of isotropic ``spacing`` whose first centre is ``lo`` and whose last
         centres reach ``hi`` (or just beyond)."""
         shape = tuple(int(np.ceil((hi[d] - lo[d]) / spacing)) + 1 for d in range(3))
@@ -110,7 +110,7 @@ class Grid:
             out.append(slice(i0, max(i0, i1)))
         return tuple(out)  # type: ignore[return-value]
 
-    def flipped(self, flips: Sequence[bool]) -> "Grid":
+    def flipped(self, flips: Sequence[bool]) -> Grid:
         """The grid that stores the same voxels with the flagged axes reversed (``array[::-1]`` along
         them), as scanners and converters store images in many orientations."""
         a = self.affine.copy()
@@ -141,7 +141,7 @@ class Grid:
         c = self.corners(edges=edges)
         return c.min(0), c.max(0)
 
-    def crop(self, lo: Sequence[int], hi: Sequence[int]) -> "Grid":
+    def crop(self, lo: Sequence[int], hi: Sequence[int]) -> Grid:
         """The sub-grid of indices lo <= ijk < hi."""
         lo = np.asarray(lo, int)
         a = self.affine.copy()
@@ -152,14 +152,14 @@ class Grid:
         object.__setattr__(g, "_axis_aligned", self._axis_aligned)  # type: ignore[attr-defined]
         return g
 
-    def __getitem__(self, sl: tuple[slice, slice, slice]) -> "Grid":
+    def __getitem__(self, sl: tuple[slice, slice, slice]) -> Grid:
         """The sub-grid of ``array[sl]`` (three slices with step 1, as ``slices_within`` gives)."""
         if len(sl) != 3 or any(s.step not in (None, 1) for s in sl):
             raise ValueError("a sub-grid takes three slices with step 1")
         rng = [s.indices(n) for s, n in zip(sl, self.shape)]
         return self.crop([r[0] for r in rng], [max(r[0], r[1]) for r in rng])
 
-    def same_as(self, other: "Grid", atol: float = 1e-4) -> bool:
+    def same_as(self, other: Grid, atol: float = 1e-4) -> bool:
         return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=atol)
 
     def __repr__(self) -> str:

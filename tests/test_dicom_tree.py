@@ -193,7 +193,8 @@ def test_lobes_and_lungs_on_the_ct_grid(built, export):
 def test_rasterise_hand_case():
     """A square ring (outer contour and a hole) in LPS on a 1 mm grid: exactly the ring's voxels."""
     affine = np.diag([-1.0, -1.0, 2.0, 1.0])  # RAS; LPS: i -> +x, j -> +y, k -> 2 mm along z
-    square = lambda a, b, z: np.array([[a, a, z], [b, a, z], [b, b, z], [a, b, z]], float)
+    def square(a, b, z):
+        return np.array([[a, a, z], [b, a, z], [b, b, z], [a, b, z]], float)
     m = rasterise_contours([square(1.5, 7.5, 4.0), square(3.5, 5.5, 4.0)], affine, (10, 10, 4))
     want = np.zeros((10, 10, 4), bool)
     want[2:8, 2:8, 2] = True

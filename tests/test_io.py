@@ -10,10 +10,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.data_helpers import IDENTITY, write_ct_series, write_enhanced_ct, write_nm_multiframe, write_slices
 from ctpm.data.io import IDENTIFYING, load_image, read_nifti, save_nifti
 from ctpm.data.lungs import LEFT, RIGHT, segment_lungs
 from ctpm.errors import CtpmError
+from tests.data_helpers import IDENTITY, write_ct_series, write_enhanced_ct, write_nm_multiframe, write_slices
 
 
 def _assert_private(meta: dict, values) -> None:

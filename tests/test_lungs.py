@@ -15,8 +15,8 @@ from ctpm.data.io import load_image, save_nifti
 from ctpm.data.lungs import LEFT, RIGHT, evaluation_mask, segment_lungs
 from ctpm.data.manifest import load_manifest
 from ctpm.data.preprocess import preprocess_patient
-from ctpm.synth import make_patient
 from ctpm.errors import CtpmError, CtpmWarning
+from ctpm.synth import make_patient
 from tests.conftest import TINY_PREPROCESSING, synth_settings
 
 

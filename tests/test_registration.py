@@ -14,8 +14,8 @@ from scipy.spatial.transform import Rotation
 
 from ctpm.data.registration import (
     LPS_TO_RAS,
-    Registration,
     RegisterSpectd,
+    Registration,
     from_sitk,
     register_spect,
     rigid_matrix,

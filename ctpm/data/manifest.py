@@ -118,7 +118,7 @@ def load_manifest(path: str | Path, *, require_spect: bool = True, cohort: str |
         if not institution:
             raise fail("institution is empty")
 
-        def resolve(column: str, required: bool) -> Path | None:
+        def resolve(column: str, required: bool, row: dict = row) -> Path | None:
             value = row.get(column, "")
             if not value:
                 if required:

@@ -25,9 +25,10 @@ from __future__ import annotations
 import csv
 import json
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ class RegistrationSettings:
     threads: int | None = None  # SimpleITK threads (None: its default)
 
     @classmethod
-    def from_any(cls, cfg: Any) -> "RegistrationSettings":
+    def from_any(cls, cfg: Any) -> RegistrationSettings:
         if isinstance(cfg, cls):
             return cfg
         cfg = dict(cfg or {})
@@ -104,7 +105,7 @@ class Registration:
     qa: dict | None = field(default=None, repr=False)  # slices for the QA overlay (``write_qa_png``)
 
     @classmethod
-    def from_matrix(cls, matrix: np.ndarray, center_mm, **kw) -> "Registration":
+    def from_matrix(cls, matrix: np.ndarray, center_mm, **kw) -> Registration:
         m = np.asarray(matrix, np.float64)
         c = np.asarray(center_mm, np.float64)
         r, s = rotation_part(m[:3, :3])

@@ -163,7 +163,7 @@ def dice_histograms(df, levels=(0.7, 0.8)):
     start = min(0.5, np.floor(pooled.min() * 40) / 40) if pooled.size else 0.5
     bins = np.arange(start, 1.0 + 1e-9, 0.025)
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), sharey=True)
-    for ax, (column, name), v, colour in zip(axes, columns, values, ("tab:green", "tab:blue")):
+    for ax, (_column, name), v, colour in zip(axes, columns, values, ("tab:green", "tab:blue")):
         ax.hist(v, bins=bins, color=colour, alpha=0.8, edgecolor="white")
         for level, style in zip(levels, ("--", ":")):
             ax.axvline(level, color="black", ls=style, lw=1,

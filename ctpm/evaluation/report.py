@@ -27,8 +27,9 @@ import json
 import math
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -644,7 +645,7 @@ def write_seed_report(summaries: Mapping[int, str | Path], out_dir: str | Path, 
     """``seeds_summary.json`` (every number of the seeds' summary.json files, mean and SD across
     them: :func:`ctpm.evaluation.stats.aggregate_seeds`) and ``seeds.md`` (the headline numbers,
     a column per seed, then mean and SD) for the evaluations of several synthetic cohorts."""
-    from ctpm.evaluation.stats import numeric_leaves, aggregate_seeds
+    from ctpm.evaluation.stats import aggregate_seeds, numeric_leaves
 
     out_dir = Path(out_dir)
     seeds = sorted(summaries)
