@@ -36,7 +36,8 @@ class PatientData:
     perfusion: np.ndarray
     perfusion_affine: np.ndarray
     tumor_diameter_mm: float | None
-    spect_fwhm_mm: float | None = None  # the camera PSF (FWHM, mm) the SPECT simulation used
+    spect_fwhm_mm: float | None = None  # the effective PSF (FWHM, mm) of the SPECT
+    spect_info: dict | None = None      # how the SPECT was made: model, misregistration (RAS), clumps, breathing
     dose: np.ndarray | None = None
     dose_affine: np.ndarray | None = None
 
@@ -115,7 +116,17 @@ def make_patient(
                              compressed_factor * wedge_factor, physics, rng)
 
     # ---- SPECT on the institution's grid ----
-    spect, spect_aff, fwhm = simulate_spect(perf, wgrid, ph, preset, physics, institution, rng)
+    sp = simulate_spect(perf, wgrid, ph, ct, cgrid, preset, physics, institution, rng)
+    ct_to_spect_ras = PHANTOM_TO_RAS @ sp.ct_to_spect @ PHANTOM_TO_RAS  # PHANTOM_TO_RAS is its own inverse
+    spect_info = {
+        "model": sp.model, "fwhm_mm": round(sp.fwhm_mm, 4),
+        "ct_to_spect": np.round(ct_to_spect_ras, 8).tolist(),
+        # the same motion in RAS: translation mirrored in x, rotations about y and z change sign
+        "translation_mm": (PHANTOM_TO_RAS[:3, :3] @ np.asarray(sp.misregistration["translation_mm"])).round(4).tolist(),
+        "rotation_deg": (np.array([1.0, -1.0, -1.0]) * sp.misregistration["rotation_deg"]).round(4).tolist(),
+        "rotation_centre_mm": (PHANTOM_TO_RAS[:3, :3] @ np.asarray(sp.misregistration["centre_mm"])).round(4).tolist(),
+        "maa_clumps": sp.clumps, "breathing_mm": round(sp.breathing_mm, 3),
+    }
 
     # storage orientations differ by institution (as scanners and converters do)
     ct_flips = (True, True, False) if institution == "A" else (False, True, True)
@@ -124,7 +135,7 @@ def make_patient(
     data = PatientData(
         patient_id=patient_id, cohort=cohort, institution=institution,
         ct=ct, ct_affine=PHANTOM_TO_RAS @ ct_aff, lobes=lobes,
-        spect=spect, spect_affine=PHANTOM_TO_RAS @ spect_aff, spect_fwhm_mm=fwhm,
+        spect=sp.array, spect_affine=PHANTOM_TO_RAS @ sp.affine, spect_fwhm_mm=sp.fwhm_mm, spect_info=spect_info,
         perfusion=perf, perfusion_affine=PHANTOM_TO_RAS @ wgrid.affine, tumor_diameter_mm=diameter,
     )
     if with_dose and cohort == "cancer" and tumour_spheres:
