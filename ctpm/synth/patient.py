@@ -45,6 +45,8 @@ class PatientData:
     spect_info: dict | None = None      # how the SPECT was made: model, misregistration (RAS), clumps, breathing
     oracle: np.ndarray | None = None    # perfusion from the CT-visible causes only (on the truth's grid)
     causes: list[str] | None = None     # the disease causes this patient has (perfusion.CAUSES)
+    cause_maps: dict | None = None      # in memory only: per cause its perfusion factor on the truth's grid
+    vessel_scale: dict | None = None    # in memory only: per lung the calibre factor of each tree segment
     dose: np.ndarray | None = None
     dose_affine: np.ndarray | None = None
 
@@ -164,6 +166,12 @@ def make_patient(
     perf = render_perfusion(*common, terr.factor(events), params, physics, effusion=effusion,
                             heterogeneity=float(pf["heterogeneity"]) * hetero.on_grid(wgrid))
     oracle = render_perfusion(*common, terr.factor(visible), params, physics, effusion=effusion)
+    cause_maps = {c: terr.factor([e for e in events if e.cause == c]) for c in {e.cause for e in events}}
+    if effusion is not None:
+        Xw, Yw, Zw = wgrid.mesh()
+        fluid, band = effusion.masks(Xw, Yw, Zw, ph.lung_side(Xw, Yw, Zw))
+        cause_maps["effusion"] = np.where(fluid, 0.0, np.where(band, float(eff_cfg["compressed_factor"]), 1.0)).astype(np.float32)
+    vessel_scale = {side: scales[side] * np.where(trees[side].depth <= 1, ph.pa_scale, 1.0) for side in trees}
 
     # ---- SPECT on the institution's grid ----
     sp = simulate_spect(perf, wgrid, ph, ct, cgrid, preset, physics, institution, rng)
@@ -187,7 +195,7 @@ def make_patient(
         ct=ct, ct_affine=PHANTOM_TO_RAS @ ct_aff, lobes=lobes,
         spect=sp.array, spect_affine=PHANTOM_TO_RAS @ sp.affine, spect_fwhm_mm=sp.fwhm_mm, spect_info=spect_info,
         perfusion=perf, perfusion_affine=PHANTOM_TO_RAS @ wgrid.affine, tumor_diameter_mm=diameter,
-        oracle=oracle, causes=causes,
+        oracle=oracle, causes=causes, cause_maps=cause_maps, vessel_scale=vessel_scale,
     )
     if with_dose and cohort == "cancer" and tumour_spheres:
         dgrid = Grid.around(lo - 40, hi + 40, max(ws, 2.5))
