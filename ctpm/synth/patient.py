@@ -162,10 +162,10 @@ def make_patient(
               "pruning_factor": pf_pr}
     Zw = wgrid.mesh()[2]
     dmap = destruction(emph_field.on_grid(wgrid), Zw)
-    common = (ph, wgrid, trees, vessel_radii, tumour_spheres, dmap)
-    perf = render_perfusion(*common, terr.factor(events), params, physics, effusion=effusion,
-                            heterogeneity=float(pf["heterogeneity"]) * hetero.on_grid(wgrid))
-    oracle = render_perfusion(*common, terr.factor(visible), params, physics, effusion=effusion)
+    # every factor multiplies, so the oracle is the same base without the invisible ones
+    base = render_perfusion(ph, wgrid, trees, vessel_radii, tumour_spheres, dmap, 1.0, params, physics, effusion=effusion)
+    perf = (base * terr.factor(events) * (1 + float(pf["heterogeneity"]) * hetero.on_grid(wgrid))).astype(np.float32)
+    oracle = (base * terr.factor(visible)).astype(np.float32)
     cause_maps = {c: terr.factor([e for e in events if e.cause == c]) for c in {e.cause for e in events}}
     if effusion is not None:
         Xw, Yw, Zw = wgrid.mesh()
