@@ -124,7 +124,6 @@ def make_patient(
     visible = [e for e in events if e.visible]
     deficit = {c: 1.0 - terr.factor([e for e in events if e.cause == c])
                for c in ("cteph_mosaic", "hypoxic_vasoconstriction", "atelectasis")}
-    lu = physics["lungs"]
 
     def lung_hu(grid: Grid, par: np.ndarray, side: np.ndarray, X, Y, Z) -> np.ndarray:
         """The parenchyma's HU with the signs of the visible causes."""

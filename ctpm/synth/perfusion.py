@@ -20,27 +20,26 @@ from ctpm.synth.anatomy import Phantom, spheres_mask
 from ctpm.synth.fields import smoothstep, uniform
 from ctpm.synth.vessels import Tree, render_capsules, segment_point_distance
 
-
 # cause: (cohort, visible on CT, how)
 CAUSES = {
     "gravity": ("both", True, "the dependent lung is denser; perfusion follows the same gradient"),
     "pruning": ("both", True, "perfusion falls towards the pleura (position in the lung)"),
     "heterogeneity": ("both", False, "random regional variation: no CT sign"),
     "emphysema": ("both", True, "destroyed parenchyma below -900 HU, few vessels; poorly perfused"),
-    "embolic_wedge": ("both", False, "acute embolism: a wedge-shaped territory without flow; no sign on "
-                                    "non-contrast CT, vessel calibre unchanged"),
-    "cteph_mosaic": ("noncancer", True, "chronic thrombo-embolic disease: hypo-perfused territories are "
-                                        "lower in density (mosaic attenuation) with pruned, thinner vessels"),
-    "pulmonary_hypertension": ("noncancer", True, "enlarged central pulmonary arteries and trunk; the "
-                                                  "gravity gradient flattens, the periphery prunes"),
-    "tumour_compression": ("cancer", True, "the tumour on or beside an artery (visible at the hilum for "
+    "embolic_wedge": ("both", False, ("acute embolism: a wedge-shaped territory without flow; no sign on "
+                                    "non-contrast CT, vessel calibre unchanged")),
+    "cteph_mosaic": ("noncancer", True, ("chronic thrombo-embolic disease: hypo-perfused territories are "
+                                        "lower in density (mosaic attenuation) with pruned, thinner vessels")),
+    "pulmonary_hypertension": ("noncancer", True, ("enlarged central pulmonary arteries and trunk; the "
+                                                  "gravity gradient flattens, the periphery prunes")),
+    "tumour_compression": ("cancer", True, ("the tumour on or beside an artery (visible at the hilum for "
                                            "central tumours): its whole distal territory loses flow, distal "
-                                           "vessels thinner; no density change"),
+                                           "vessels thinner; no density change")),
     "atelectasis": ("cancer", True, "collapsed lung distal to the tumour: dense (soft tissue), unperfused"),
-    "effusion": ("cancer", True, "pleural fluid in the dependent base (water density), the lung above it "
-                                 "compressed: denser, less perfused"),
-    "hypoxic_vasoconstriction": ("cancer", True, "the segment of an airway the tumour obstructs: arteries "
-                                                 "constrict (thinner vessels), air trapping lowers its density"),
+    "effusion": ("cancer", True, ("pleural fluid in the dependent base (water density), the lung above it "
+                                 "compressed: denser, less perfused")),
+    "hypoxic_vasoconstriction": ("cancer", True, ("the segment of an airway the tumour obstructs: arteries "
+                                                 "constrict (thinner vessels), air trapping lowers its density")),
 }
 
 

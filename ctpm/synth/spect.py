@@ -153,7 +153,7 @@ def effective_fwhm(cam: dict, radius_mm: float, pixel_mm: float) -> float:
 def camera_grid(centre_xy, z_lo: float, z_hi: float, matrix: int, pixel: float) -> Grid:
     """The camera's isotropic object grid: ``matrix`` x ``matrix`` around the axis of rotation
     (``centre_xy``), axially over [z_lo, z_hi]."""
-    nz = int(math.ceil((z_hi - z_lo) / pixel)) + 1
+    nz = math.ceil((z_hi - z_lo) / pixel) + 1
     origin = (centre_xy[0] - (matrix - 1) * pixel / 2, centre_xy[1] - (matrix - 1) * pixel / 2, z_lo)
     return Grid.axis_aligned((matrix, matrix, nz), (pixel,) * 3, origin)
 
@@ -164,7 +164,11 @@ class Camera:
     SPECT system matrices on the CPU, one thread (deterministic)."""
 
     def __init__(self, shape, pixel_mm: float, cam: dict, radius_mm: float):
-        from pytomography.metadata.SPECT import SPECTObjectMeta, SPECTProjMeta, SPECTPSFMeta
+        from pytomography.metadata.SPECT import (
+            SPECTObjectMeta,
+            SPECTProjMeta,
+            SPECTPSFMeta,
+        )
 
         self.shape, self.pixel_mm, self.cam, self.radius_mm = tuple(int(v) for v in shape), float(pixel_mm), cam, float(radius_mm)
         dr_cm = [self.pixel_mm / 10.0] * 3
@@ -195,7 +199,10 @@ class Camera:
         """Projections (views, r, z) of ``activity`` through the attenuating body ``mu_true`` (1/cm)
         and the collimator: Poisson counts whose expected total is ``counts``."""
         from pytomography.projectors.SPECT import SPECTSystemMatrix
-        from pytomography.transforms.SPECT import SPECTAttenuationTransform, SPECTPSFTransform
+        from pytomography.transforms.SPECT import (
+            SPECTAttenuationTransform,
+            SPECTPSFTransform,
+        )
 
         def fn(torch):
             system = SPECTSystemMatrix(
