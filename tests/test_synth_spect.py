@@ -197,3 +197,16 @@ def test_projection_patient_same_seed_same_bytes_and_its_fwhm():
     cam, pixel = s["physics"]["spect"]["camera"]["B"], preset["camera_pixel"]["B"]
     lo, hi = (effective_fwhm(cam, r, pixel) for r in cam["radius_mm"])
     assert lo <= a.spect_fwhm_mm <= hi
+
+
+def test_ct_realism_calibre_of_a_tube():
+    """A straight tube of 8 mm diameter: its centre-line diameter is 8 mm (to a voxel)."""
+    from ctpm.synth.realism import ct_realism
+
+    shape = (48, 48, 12)
+    lungs = np.ones(shape, np.uint8)
+    hu = np.full(shape, -850.0, np.float32)
+    X, Y = np.meshgrid(np.arange(48) - 23.5, np.arange(48) - 23.5, indexing="ij")
+    hu[(X**2 + Y**2) <= 4.0**2] = 40.0  # 1 mm voxels
+    r = ct_realism(hu, (1.0, 1.0, 1.0), lungs)
+    assert r["calibre_median"] == pytest.approx(8.0, abs=1.5)
