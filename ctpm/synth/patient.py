@@ -63,7 +63,9 @@ def make_patient(
 
     # ---- vessel trees, one per lung, a lobar branch per lobe ----
     points = ph.sample_lung_points(int(preset["leaves_per_lung"]))
-    trees = {side: grow_tree(rng, ph.hilum[side], points[side], root_radius=10.0, min_radius=0.9) for side in ("right", "left")}
+    lu = physics["lungs"]
+    trees = {side: grow_tree(rng, ph.hilum[side], points[side], root_radius=float(lu.get("artery_root_radius", 10.0)),
+                             min_radius=float(lu.get("artery_min_radius", 0.9))) for side in ("right", "left")}
 
     # ---- disease, cause by cause (perfusion.CAUSES: which CT can see, and how) ----
     events: list[Event] = []

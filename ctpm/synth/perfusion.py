@@ -191,8 +191,8 @@ def draw_tumour(rng: np.random.Generator, trees: dict[str, Tree], tu: dict, inst
     tree = trees[side]
     n_leaves = tree.leaf_hi - tree.leaf_lo
     # large tumours sit on central (segmental) branches, small ones further out
-    want = (6, 40) if diameter >= 25 else (1, 8)
-    cand = np.nonzero((n_leaves >= want[0]) & (n_leaves <= want[1]) & (tree.depth >= 1))[0]
+    lo_n, hi_n = leaf_range(tree, tu["branch_share"]["large" if diameter >= 25 else "small"])
+    cand = np.nonzero((n_leaves >= lo_n) & (n_leaves <= hi_n) & (tree.depth >= 1))[0]
     if len(cand) == 0:
         cand = np.nonzero(tree.depth >= 1)[0]
     seg = int(rng.choice(cand))
@@ -224,9 +224,18 @@ def draw_tumour(rng: np.random.Generator, trees: dict[str, Tree], tu: dict, inst
     return tumour_spheres, diameter, side, events
 
 
-def _segments(tree: Tree, leaves, exclude: set[int] = frozenset()) -> np.ndarray:
+def leaf_range(tree: Tree, share) -> tuple[int, int]:
+    """A territory size given as a share [lo, hi] of one lung (its tree's terminal branches) -> a
+    range of terminal-branch counts (at least one), the same lung volume on every preset."""
+    n = len(tree.points)
+    lo = max(1, int(np.floor(float(share[0]) * n)))
+    return lo, max(lo, int(np.ceil(float(share[1]) * n)))
+
+
+def _segments(tree: Tree, share, exclude: set[int] = frozenset()) -> np.ndarray:
     n = tree.leaf_hi - tree.leaf_lo
-    ok = (n >= leaves[0]) & (n <= leaves[1])
+    lo, hi = leaf_range(tree, share)
+    ok = (n >= lo) & (n <= hi)
     return np.array([i for i in np.nonzero(ok)[0] if i not in exclude], int)
 
 
@@ -235,7 +244,7 @@ def draw_wedges(rng: np.random.Generator, trees: dict[str, Tree], pf: dict, coho
     events = []
     for _ in range(rng.poisson(pf["wedge_rate"][cohort])):
         side = "right" if rng.random() < 0.5 else "left"
-        cand = _segments(trees[side], pf["wedge_leaves"])
+        cand = _segments(trees[side], pf["wedge_share"])
         if len(cand):
             events.append(Event("embolic_wedge", side, int(rng.choice(cand)), uniform(rng, pf["wedge_factor"])))
     return events
@@ -247,14 +256,14 @@ def draw_cteph(rng: np.random.Generator, trees: dict[str, Tree], cfg: dict) -> l
     events = []
     for _ in range(int(rng.integers(cfg["branches"][0], cfg["branches"][1] + 1))):
         side = "right" if rng.random() < 0.5 else "left"
-        cand = _segments(trees[side], cfg["leaves"])
+        cand = _segments(trees[side], cfg["share"])
         if len(cand):
             events.append(Event("cteph_mosaic", side, int(rng.choice(cand)), uniform(rng, cfg["factor"])))
     return events
 
 
-def _near_tumour(tree: Tree, centre: np.ndarray, reach: float, leaves, exclude: set[int]) -> np.ndarray:
-    cand = _segments(tree, leaves, exclude)
+def _near_tumour(tree: Tree, centre: np.ndarray, reach: float, share, exclude: set[int]) -> np.ndarray:
+    cand = _segments(tree, share, exclude)
     if len(cand) == 0:
         return cand
     d = segment_point_distance(tree.p0[cand], tree.p1[cand], centre)
@@ -273,7 +282,7 @@ def draw_tumour_neighbours(rng: np.random.Generator, trees: dict[str, Tree], sid
         cfg = physics[cause]
         if rng.random() >= float(cfg["probability"]):
             continue
-        cand = _near_tumour(tree, centre, radius + float(cfg["reach_mm"]), cfg["leaves"], exclude)
+        cand = _near_tumour(tree, centre, radius + float(cfg["reach_mm"]), cfg["share"], exclude)
         if len(cand):
             seg = int(rng.choice(cand))
             exclude |= {int(i) for i in tree.descendants(seg)}
