@@ -127,7 +127,7 @@ def render_ct(ph: Phantom, grid: Grid, trees, vessel_radii, tumour_spheres, text
         ph.hilum["right"], ph.hilum["left"], [ph.cx + 2, ph.spine_c[1] + ph.r_vb + 8, z[0] - 5],
     ])
     radii = np.array([14, 13, 13, 12, 10, 14, 10.5, 10, 7.5])
-    radii[5:8] *= getattr(ph, "pa_scale", 1.0)  # pulmonary trunk and main arteries (enlarged in PH)
+    radii[5:8] *= ph.pa_scale  # pulmonary trunk and main arteries (enlarged in PH)
     render_capsules(hu, grid, pts0, pts1, radii, vhu)
     # pulmonary vessel trees (thinner distal to a compressing tumour)
     for side_name, tr in trees.items():

@@ -64,15 +64,14 @@ def make_patient(
     # ---- vessel trees, one per lung, a lobar branch per lobe ----
     points = ph.sample_lung_points(int(preset["leaves_per_lung"]))
     lu = physics["lungs"]
-    trees = {side: grow_tree(rng, ph.hilum[side], points[side], root_radius=float(lu.get("artery_root_radius", 10.0)),
-                             min_radius=float(lu.get("artery_min_radius", 0.9))) for side in ("right", "left")}
+    trees = {side: grow_tree(rng, ph.hilum[side], points[side], root_radius=float(lu["artery_root_radius"]),
+                             min_radius=float(lu["artery_min_radius"])) for side in ("right", "left")}
 
     # ---- disease, cause by cause (perfusion.CAUSES: which CT can see, and how) ----
     events: list[Event] = []
     tumour_spheres: list[tuple[np.ndarray, float]] = []
     diameter = None
     pf_g, pf_pr = 1.0, float(pf["pruning_factor"])
-    ph.pa_scale = 1.0
     if cohort == "cancer":
         tumour_spheres, diameter, t_side, compression = draw_tumour(rng, trees, tu, institution)
         events += compression
