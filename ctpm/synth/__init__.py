@@ -10,20 +10,25 @@ on the camera's own grid. What the phantom holds, and why:
   segmentation trap); two lungs of different shape (right dome higher, left with the cardiac
   notch), oblique and horizontal fissures giving five lobes; a branching, tapering vessel tree per
   lobe; parenchyma near -850 HU with texture and a denser dependent (posterior) side.
-- Truth perfusion: gravity gradient (a few % per cm towards the posterior lung), emphysema
-  (destroyed parenchyma below -900 HU, visible on CT, poorly perfused), peripheral pruning near the
-  pleura, no trapped tracer in large vessels, embolic wedge defects (the territory of an occluded
-  branch: invisible on CT, what no model can learn) and, in the cancer cohort, a tumour that
-  compresses the vessels it touches, so that their whole distal territory is hypo-perfused (a cause
-  visible on CT, with thinner distal vessels): the shifted domain that fine-tuning must learn.
-- SPECT: truth blurred by the camera (Gaussian PSF), sampled on the institution's grid (its own
-  size, origin and orientation), Poisson counts, light reconstruction smoothing.
+- Truth perfusion: gravity gradient, peripheral pruning, heterogeneity, no trapped tracer in large
+  vessels, and disease as physiology, cause by cause with whether CT can see it
+  (``perfusion.CAUSES``): emphysema (visible), acute embolic wedges (invisible), chronic
+  thrombo-embolic mosaic (visible: lower density, thinner vessels) and pulmonary hypertension
+  (enlarged central arteries) in the non-cancer cohort; in the cancer cohort a tumour on or beside
+  an artery (its distal territory loses flow), atelectasis, pleural effusion and hypoxic
+  vasoconstriction. Vessel calibre follows the flow (Murray), so CT vessels carry information.
+- CT-visible oracle: the perfusion rebuilt from the visible causes only (``oracle.nii.gz``).
+- CT acquisition by institution: slice thickness, reconstruction kernel and noise texture.
+- SPECT (``spect``): from projections with pytomography (attenuation from the CT, collimator blur,
+  Poisson counts, OSEM with attenuation correction, post-filter) or, fast, in image space; MAA
+  clumps, free-breathing blur of the bases and a recorded rigid SPECT/CT misregistration in both.
 
 Every number comes from ``conf/synth.yaml``. The same seed gives the same bytes.
 
 The parts, one concern each: ``anatomy`` (the phantom's body, lungs, fissures and lobes, in a
-frame whose x points to the patient's left), ``vessels`` (trees and capsules), ``ct`` (HU and
-noise), ``perfusion`` (truth, territories, disease), ``spect`` (the camera), ``dose`` (a plan),
+frame whose x points to the patient's left), ``vessels`` (trees and capsules), ``ct`` (HU, kernel and
+noise), ``perfusion`` (truth, territories, disease), ``spect`` (the cameras), ``dose`` (a plan),
+``realism`` (CT realism numbers),
 ``patient`` (one patient drawn on every grid) and ``cohort`` (which patients, their files and the
 manifest). Grids and resampling are the geometry core's (``ctpm.geometry``).
 """

@@ -66,6 +66,7 @@ class Phantom:
         self.obl = {side: (rng.uniform(0.85, 1.3), rng.uniform(-5, 20)) for side in ("right", "left")}
         self.horiz = rng.uniform(-5, 12)
         self.stomach_bubble = rng.random() < 0.5
+        self.pa_scale = 1.0  # calibre of the central pulmonary arteries (> 1 in pulmonary hypertension)
 
     # ---- implicit shapes; X, Y, Z broadcastable arrays (grid meshes or point lists) ----
 

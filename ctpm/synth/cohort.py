@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,15 @@ def write_patient(data: PatientData, out: Path) -> dict[str, Any]:
         "tumor_diameter_mm": "" if data.tumor_diameter_mm is None else f"{data.tumor_diameter_mm:.1f}",
         "spect_fwhm_mm": "" if data.spect_fwhm_mm is None else f"{data.spect_fwhm_mm:.3f}",
     }
+    if data.oracle is not None:  # the perfusion the CT-visible causes alone give (truth's grid)
+        save_nifti(data.oracle, data.perfusion_affine, pdir / "oracle.nii.gz", dtype=np.float32)
+        row["oracle"] = f"{data.patient_id}/oracle.nii.gz"
+    if data.causes is not None:
+        row["causes"] = " ".join(data.causes)
+    if data.spect_info is not None:
+        (pdir / "spect.json").write_text(json.dumps(data.spect_info, indent=1, sort_keys=True) + "\n")
+        row["spect_info"] = f"{data.patient_id}/spect.json"
+        row["spect_model"] = data.spect_info["model"]
     if data.dose is not None:
         save_nifti(data.dose, data.dose_affine, pdir / "dose.nii.gz", dtype=np.float32)
         row["dose"] = f"{data.patient_id}/dose.nii.gz"

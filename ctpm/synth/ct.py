@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from ctpm.geometry import Grid
 from ctpm.synth.anatomy import Phantom, spheres_mask
@@ -19,7 +20,7 @@ def ct_grid(preset: dict, institution: str) -> Grid:
 
 
 
-def render_ct(ph: Phantom, grid: Grid, trees, vessel_radii, tumour_spheres, texture, emph_field, destruction, oligaemia, physics, rng) -> np.ndarray:
+def render_ct(ph: Phantom, grid: Grid, trees, vessel_radii, tumour_spheres, texture, emph_field, destruction, lung_hu, physics, rng) -> np.ndarray:
     b, lu = physics["body"], physics["lungs"]
     x, y, z = grid.axes()
     nz = grid.shape[2]
@@ -96,9 +97,9 @@ def render_ct(ph: Phantom, grid: Grid, trees, vessel_radii, tumour_spheres, text
         np.where((side == 1) & (ph.fissure_distance(Xl, Yl, Zl, "right") > 0), np.abs(ph.horizontal_distance(Xl, Yl, Zl)), 1e3),
     )
     par = par + float(lu["fissure_hu"]) * np.exp(-((fis / 0.8) ** 2))
-    par = par - oligaemia(lsub)
     d = destruction(emph_field.on_grid(lsub), Zl)
     par = par * (1 - d) + float(physics["emphysema"]["hu"]) * d
+    par = lung_hu(lsub, par, side, Xl, Yl, Zl)  # the CT signs of the visible causes
     view = hu[lsl]
     view[lung] = par[lung] if par.shape == lung.shape else np.broadcast_to(par, lung.shape)[lung]
 
@@ -126,6 +127,7 @@ def render_ct(ph: Phantom, grid: Grid, trees, vessel_radii, tumour_spheres, text
         ph.hilum["right"], ph.hilum["left"], [ph.cx + 2, ph.spine_c[1] + ph.r_vb + 8, z[0] - 5],
     ])
     radii = np.array([14, 13, 13, 12, 10, 14, 10.5, 10, 7.5])
+    radii[5:8] *= ph.pa_scale  # pulmonary trunk and main arteries (enlarged in PH)
     render_capsules(hu, grid, pts0, pts1, radii, vhu)
     # pulmonary vessel trees (thinner distal to a compressing tumour)
     for side_name, tr in trees.items():
@@ -158,9 +160,19 @@ def render_ct(ph: Phantom, grid: Grid, trees, vessel_radii, tumour_spheres, text
         tsub = grid[tsl]
         tm = spheres_mask(tsub, tumour_spheres)
         hu[tsl][tm] = float(physics["tumour"]["hu"]) + 12.0 * texture.on_grid(tsub)[tm]
-    # scanner noise, then integer HU as scanners store them
-    noise = float(physics["ct"]["noise_hu"][ph.institution])
-    hu += noise * rng.standard_normal(hu.shape, dtype=np.float32)
+    # the reconstruction kernel (in-plane sharpening) and its noise texture, then integer HU
+    ctc = physics["ct"]
+    kernel = ctc["kernel"][ph.institution]
+    px = float(grid.spacing[0])
+    sharpen = float(kernel["sharpen"])
+    if sharpen > 0:  # edge enhancement of a sharp (lung) kernel: unsharp masking in-plane
+        hu += sharpen * (hu - ndi.gaussian_filter(hu, (1.0, 1.0, 0.0)))
+    noise = rng.standard_normal(hu.shape, dtype=np.float32)
+    corr = float(kernel["noise_corr_mm"]) / px
+    if corr > 0.3:  # soft kernels correlate the noise in-plane (blotchy); sharp ones leave it fine-grained
+        noise = ndi.gaussian_filter(noise, (corr, corr, 0.0))
+        noise /= max(float(noise.std()), 1e-6)
+    hu += float(ctc["noise_hu"][ph.institution]) * noise
     np.clip(hu, -1024, 3071, out=hu)
     return np.rint(hu).astype(np.int16)
 

@@ -3,7 +3,7 @@ random fields defined in world space, and storage orientations."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage as ndi

@@ -13,11 +13,16 @@ from ctpm.synth.ct import ct_grid, render_ct
 from ctpm.synth.dose import plan_dose
 from ctpm.synth.fields import LatticeField, smoothstep, stored, uniform
 from ctpm.synth.perfusion import (
+    Effusion,
+    Event,
+    Territories,
+    draw_cteph,
     draw_tumour,
+    draw_tumour_neighbours,
     draw_wedges,
     emphysema_threshold,
+    flow_radius_scale,
     render_perfusion,
-    territory_factor,
 )
 from ctpm.synth.spect import simulate_spect
 from ctpm.synth.vessels import grow_tree
@@ -36,7 +41,12 @@ class PatientData:
     perfusion: np.ndarray
     perfusion_affine: np.ndarray
     tumor_diameter_mm: float | None
-    spect_fwhm_mm: float | None = None  # the camera PSF (FWHM, mm) the SPECT simulation used
+    spect_fwhm_mm: float | None = None  # the effective PSF (FWHM, mm) of the SPECT
+    spect_info: dict | None = None      # how the SPECT was made: model, misregistration (RAS), clumps, breathing
+    oracle: np.ndarray | None = None    # perfusion from the CT-visible causes only (on the truth's grid)
+    causes: list[str] | None = None     # the disease causes this patient has (perfusion.CAUSES)
+    cause_maps: dict | None = None      # in memory only: per cause its perfusion factor on the truth's grid
+    vessel_scale: dict | None = None    # in memory only: per lung the calibre factor of each tree segment
     dose: np.ndarray | None = None
     dose_affine: np.ndarray | None = None
 
@@ -53,15 +63,34 @@ def make_patient(
 
     # ---- vessel trees, one per lung, a lobar branch per lobe ----
     points = ph.sample_lung_points(int(preset["leaves_per_lung"]))
-    trees = {side: grow_tree(rng, ph.hilum[side], points[side], root_radius=10.0, min_radius=0.9) for side in ("right", "left")}
+    lu = physics["lungs"]
+    trees = {side: grow_tree(rng, ph.hilum[side], points[side], root_radius=float(lu["artery_root_radius"]),
+                             min_radius=float(lu["artery_min_radius"])) for side in ("right", "left")}
 
-    # ---- disease: a tumour (cancer cohort) compressing the branches it touches, embolic wedges ----
+    # ---- disease, cause by cause (perfusion.CAUSES: which CT can see, and how) ----
+    events: list[Event] = []
     tumour_spheres: list[tuple[np.ndarray, float]] = []
     diameter = None
-    compressed: dict[str, list[tuple[int, float]]] = {"right": [], "left": []}
+    pf_g, pf_pr = 1.0, float(pf["pruning_factor"])
     if cohort == "cancer":
-        tumour_spheres, diameter, compressed = draw_tumour(rng, trees, tu, institution)
-    wedges = draw_wedges(rng, trees, pf, cohort)
+        tumour_spheres, diameter, t_side, compression = draw_tumour(rng, trees, tu, institution)
+        events += compression
+        events += draw_tumour_neighbours(rng, trees, t_side, tumour_spheres[0][0], tumour_spheres[0][1], physics, events)
+    cte, pht = physics["cteph"], physics["pulmonary_hypertension"]
+    if rng.random() < float(cte["probability"][cohort]):
+        events += draw_cteph(rng, trees, cte)
+    if rng.random() < float(pht["probability"][cohort]):
+        ph.pa_scale = uniform(rng, pht["artery_scale"])
+        pf_g, pf_pr = float(pht["gravity_scale"]), float(pht["pruning_factor"])
+    events += draw_wedges(rng, trees, pf, cohort)
+    eff_cfg = physics["effusion"]
+    effusion = None
+    if cohort == "cancer" and rng.random() < float(eff_cfg["probability"]):
+        eff_side = t_side if rng.random() < 0.7 else ("left" if t_side == "right" else "right")
+        effusion = Effusion(ph, eff_side, uniform(rng, eff_cfg["thickness"]), uniform(rng, eff_cfg["top"]),
+                            uniform(rng, eff_cfg["band"]))
+    causes = sorted({e.cause for e in events} | ({"effusion"} if effusion else set())
+                    | ({"pulmonary_hypertension"} if ph.pa_scale > 1 else set()))
 
     # ---- smooth fields shared by all grids ----
     lo, hi = ph.lung_box()
@@ -70,6 +99,8 @@ def make_patient(
     texture = LatticeField(rng, lo, hi, 1.5, 1.6)
     has_emph = rng.random() < em["probability"][cohort]
     emph_frac = uniform(rng, em["fraction"]) if has_emph else 0.0
+    if emph_frac > 0:
+        causes = sorted({*causes, "emphysema"})
     # upper-lobe predominance: bias the field upwards before thresholding
     def destruction(field_vals, Z):
         if emph_frac <= 0:
@@ -79,43 +110,81 @@ def make_patient(
         thr = emphysema_threshold(emph_frac)
         return smoothstep((v - thr) / 0.35).astype(np.float32)
 
-    distal_scale = float(tu["distal_vessel_scale"])
+    # vessel calibre follows the flow the chronic causes leave (Murray); PH enlarges the central arteries
+    scales = {side: flow_radius_scale(trees[side], side, events) for side in trees}
 
     def vessel_radii(side: str) -> np.ndarray:
         tr = trees[side]
-        r = tr.r.copy()
-        for i, _ in compressed[side]:
-            r[tr.descendants(i)] *= distal_scale
-        return r
+        central = np.where(tr.depth <= 1, ph.pa_scale, 1.0)
+        return tr.r * scales[side] * central
 
-    # ---- territories on the working grid (truth perfusion and, for compressed ones, the CT) ----
+    # ---- territories on the working grid (truth, oracle, and the CT signs of the visible causes) ----
     ws = float(preset["work_spacing"])
     wgrid = Grid.around(lo - 24, hi + 24, ws)
-    compressed_factor = territory_factor(ph, wgrid, trees, compressed)
-    wedge_factor = territory_factor(ph, wgrid, trees, wedges)
-    # chronic compression leaves the distal lung oligaemic: less blood, lower density (mosaic
-    # attenuation), so this defect has a cause and a sign on CT; acute embolic wedges have neither
-    deficit = 1.0 - compressed_factor
+    terr = Territories(ph, wgrid, trees)
+    visible = [e for e in events if e.visible]
+    deficit = {c: 1.0 - terr.factor([e for e in events if e.cause == c])
+               for c in ("cteph_mosaic", "hypoxic_vasoconstriction", "atelectasis")}
 
-    def oligaemia(grid: Grid) -> np.ndarray:
-        return float(tu["oligaemia_hu"]) * resample(deficit, wgrid, grid, order=1, edge="clamp")
+    def lung_hu(grid: Grid, par: np.ndarray, side: np.ndarray, X, Y, Z) -> np.ndarray:
+        """The parenchyma's HU with the signs of the visible causes."""
+        def on(c):
+            return resample(deficit[c], wgrid, grid, order=1, edge="clamp")
+        if cte["probability"][cohort] > 0 and deficit["cteph_mosaic"].any():
+            par = par - float(cte["mosaic_hu"]) * on("cteph_mosaic")  # mosaic attenuation
+        if deficit["hypoxic_vasoconstriction"].any():
+            par = par - float(physics["hypoxic_vasoconstriction"]["air_trapping_hu"]) * on("hypoxic_vasoconstriction")
+        if deficit["atelectasis"].any():
+            a = np.clip(on("atelectasis") / 0.9, 0, 1)
+            par = par * (1 - a) + float(physics["atelectasis"]["hu"]) * a
+        if effusion is not None:
+            fluid, band = effusion.masks(X, Y, Z, side)
+            par = np.broadcast_to(par, side.shape).copy()
+            par[band] += float(eff_cfg["compressed_hu"])
+            par[fluid] = float(eff_cfg["fluid_hu"])
+        return par
 
     # ---- CT ----
-    ct = render_ct(ph, cgrid, trees, vessel_radii, tumour_spheres, texture, emph_field, destruction, oligaemia, physics, rng)
+    ct = render_ct(ph, cgrid, trees, vessel_radii, tumour_spheres, texture, emph_field, destruction, lung_hu, physics, rng)
     lsl = cgrid.slices_within(*ph.lung_box())
     lobes = np.zeros(cgrid.shape, np.uint8)
     sub = cgrid[lsl]
     Xs, Ys, Zs = sub.mesh()
-    lobes[lsl] = ph.lobes(Xs, Ys, Zs)
+    lab = ph.lobes(Xs, Ys, Zs)
+    if effusion is not None:  # pleural fluid is not lung
+        lab[effusion.masks(Xs, Ys, Zs, ph.lung_side(Xs, Ys, Zs))[0]] = 0
+    lobes[lsl] = lab
     if tumour_spheres:
         lobes[lsl][spheres_mask(sub, tumour_spheres)] = 0
 
-    # ---- truth perfusion on the working grid ----
-    perf = render_perfusion(ph, wgrid, trees, vessel_radii, tumour_spheres, hetero, emph_field, destruction,
-                             compressed_factor * wedge_factor, physics, rng)
+    # ---- truth perfusion and the CT-visible oracle on the working grid ----
+    params = {"g": uniform(rng, pf["gravity_per_cm"]) * pf_g, "cc": uniform(rng, pf["craniocaudal_per_cm"]),
+              "pruning_factor": pf_pr}
+    Zw = wgrid.mesh()[2]
+    dmap = destruction(emph_field.on_grid(wgrid), Zw)
+    # every factor multiplies, so the oracle is the same base without the invisible ones
+    base = render_perfusion(ph, wgrid, trees, vessel_radii, tumour_spheres, dmap, 1.0, params, physics, effusion=effusion)
+    perf = (base * terr.factor(events) * (1 + float(pf["heterogeneity"]) * hetero.on_grid(wgrid))).astype(np.float32)
+    oracle = (base * terr.factor(visible)).astype(np.float32)
+    cause_maps = {c: terr.factor([e for e in events if e.cause == c]) for c in {e.cause for e in events}}
+    if effusion is not None:
+        Xw, Yw, Zw = wgrid.mesh()
+        fluid, band = effusion.masks(Xw, Yw, Zw, ph.lung_side(Xw, Yw, Zw))
+        cause_maps["effusion"] = np.where(fluid, 0.0, np.where(band, float(eff_cfg["compressed_factor"]), 1.0)).astype(np.float32)
+    vessel_scale = {side: scales[side] * np.where(trees[side].depth <= 1, ph.pa_scale, 1.0) for side in trees}
 
     # ---- SPECT on the institution's grid ----
-    spect, spect_aff, fwhm = simulate_spect(perf, wgrid, ph, preset, physics, institution, rng)
+    sp = simulate_spect(perf, wgrid, ph, ct, cgrid, preset, physics, institution, rng)
+    ct_to_spect_ras = PHANTOM_TO_RAS @ sp.ct_to_spect @ PHANTOM_TO_RAS  # PHANTOM_TO_RAS is its own inverse
+    spect_info = {
+        "model": sp.model, "fwhm_mm": round(sp.fwhm_mm, 4),
+        "ct_to_spect": np.round(ct_to_spect_ras, 8).tolist(),
+        # the same motion in RAS: translation mirrored in x, rotations about y and z change sign
+        "translation_mm": (PHANTOM_TO_RAS[:3, :3] @ np.asarray(sp.misregistration["translation_mm"])).round(4).tolist(),
+        "rotation_deg": (np.array([1.0, -1.0, -1.0]) * sp.misregistration["rotation_deg"]).round(4).tolist(),
+        "rotation_centre_mm": (PHANTOM_TO_RAS[:3, :3] @ np.asarray(sp.misregistration["centre_mm"])).round(4).tolist(),
+        "maa_clumps": sp.clumps, "breathing_mm": round(sp.breathing_mm, 3),
+    }
 
     # storage orientations differ by institution (as scanners and converters do)
     ct_flips = (True, True, False) if institution == "A" else (False, True, True)
@@ -124,8 +193,9 @@ def make_patient(
     data = PatientData(
         patient_id=patient_id, cohort=cohort, institution=institution,
         ct=ct, ct_affine=PHANTOM_TO_RAS @ ct_aff, lobes=lobes,
-        spect=spect, spect_affine=PHANTOM_TO_RAS @ spect_aff, spect_fwhm_mm=fwhm,
+        spect=sp.array, spect_affine=PHANTOM_TO_RAS @ sp.affine, spect_fwhm_mm=sp.fwhm_mm, spect_info=spect_info,
         perfusion=perf, perfusion_affine=PHANTOM_TO_RAS @ wgrid.affine, tumor_diameter_mm=diameter,
+        oracle=oracle, causes=causes, cause_maps=cause_maps, vessel_scale=vessel_scale,
     )
     if with_dose and cohort == "cancer" and tumour_spheres:
         dgrid = Grid.around(lo - 40, hi + 40, max(ws, 2.5))
