@@ -32,7 +32,9 @@ def _axis(n: int) -> np.ndarray:
 
 def _fwhm(x: np.ndarray, profile: np.ndarray, centre: float) -> float:
     """FWHM of a Gaussian fitted (least squares) to a profile."""
-    g = lambda u, a, m, s: a * np.exp(-((u - m) ** 2) / (2 * s * s))
+    def g(u, a, m, s):
+        return a * np.exp(-((u - m) ** 2) / (2 * s * s))
+
     p, _ = curve_fit(g, x, profile, p0=(profile.max(), centre, 6.0))
     return float(2 * np.sqrt(2 * np.log(2)) * abs(p[2]))
 

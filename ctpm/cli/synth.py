@@ -10,8 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ctpm.cli._common import CONF_DIR, user_errors
 from ctpm.data.manifest import load_manifest
-from ctpm.synth import synthesise
 from ctpm.errors import CtpmError
+from ctpm.synth import synthesise
 
 
 def run(cfg: DictConfig):
