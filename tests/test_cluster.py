@@ -138,3 +138,79 @@ def test_the_wandb_sweep_command_composes(tmp_path):
     assert cfg.model.optimizer.lr == pytest.approx(sample["model.optimizer.lr"])
     assert cfg.model.net.base_channels == 24 and cfg.model.loss == "smooth_l1"
     assert cfg.logger.wandb.offline is False and cfg.optimized_metric == spec["metric"]["name"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Optuna: pruning on the validation Spearman R, fine-tune from the best trial
+# --------------------------------------------------------------------------------------------------
+
+
+class _FakeTrainer:
+    """What OptunaPruning reads of a Trainer (one process)."""
+
+    def __init__(self, epoch: int, value: float):
+        import torch
+
+        self.current_epoch, self.sanity_checking, self.is_global_zero = epoch, False, True
+        self.callback_metrics = {"val/spearman_r": torch.tensor(value)}
+        self.strategy = type("S", (), {"broadcast": staticmethod(lambda obj, src=0: obj)})()
+
+
+def test_the_pruning_callback_reports_and_prunes_below_the_median(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    from ctpm.lightning.callbacks import OptunaPruning, open_optuna_storage
+
+    spec = str(tmp_path / "optuna.journal")
+    study = optuna.create_study(direction="maximize", storage=open_optuna_storage(spec),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
+    for good in (0.6, 0.8):  # two finished trials, their curves rising to `good`
+        t = study.ask()
+        for epoch in range(3):
+            t.report(good - 0.1 * (2 - epoch), step=epoch)
+        study.tell(t, good)
+    t = study.ask()
+    cb = OptunaPruning(trial={"id": t._trial_id, "storage": spec, "study": study.study_name,
+                                   "startup": 2, "warmup": 1})
+    cb.on_validation_end(_FakeTrainer(0, -0.5), None)  # warm-up epoch: reported, never pruned
+    cb.on_validation_end(_FakeTrainer(1, 0.65), None)  # above the median (0.6) at epoch 1
+    with pytest.raises(optuna.TrialPruned):
+        cb.on_validation_end(_FakeTrainer(2, 0.1), None)  # below the median (0.7) at epoch 2
+    reloaded = optuna.load_study(study_name=study.study_name, storage=open_optuna_storage(spec))
+    assert reloaded.trials[2].intermediate_values == pytest.approx({0: -0.5, 1: 0.65, 2: 0.1})
+    OptunaPruning(trial=None).on_validation_end(_FakeTrainer(2, 0.1), None)  # outside a sweep: nothing
+
+
+def test_a_pruned_sweep_feeds_the_fine_tune_from_its_best_trial(tiny_cohort, cache_copy, tmp_path):
+    """hparams_search=optuna with the median pruner: every trial's epochs are reported to the
+    study's journal, the sweep records its best trial, and a fine-tune from the sweep folder starts
+    from that trial's final weights."""
+    optuna = pytest.importorskip("optuna")
+    import torch
+
+    from ctpm.lightning.callbacks import open_optuna_storage
+    from ctpm.lightning.module import load_state_dict_safely, network_weights
+    from ctpm.lightning.train import build
+    from tests.helpers import compose_train
+
+    sweep = tmp_path / "sweep"
+    base = _without_output_dir(tiny_overrides(tiny_cohort, cache_copy, tmp_path))
+    res = run_cli("ctpm-train", "-m", "experiment=pretrain", "hparams_search=optuna", "hydra.sweeper.n_trials=3",
+                  "hydra.sweeper.pruner_startup_trials=1", "hydra.sweeper.pruner_warmup_epochs=0",
+                  f"hydra.sweep.dir={sweep}", *base, "trainer.max_epochs=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    best = __import__("omegaconf").OmegaConf.load(sweep / "optimization_results.yaml")
+    assert best.n_trials == 3 and best.n_complete + best.n_pruned == 3 and best.n_complete >= 1
+    (study,) = optuna.get_all_study_summaries(open_optuna_storage(str(sweep / "optuna.journal")))
+    trials = optuna.load_study(study_name=study.study_name, storage=open_optuna_storage(str(sweep / "optuna.journal"))).trials
+    assert all(t.intermediate_values for t in trials)  # the callback reported every trial
+    for t in trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert sorted(t.intermediate_values) == [0, 1] and t.intermediate_values[1] == pytest.approx(t.value)
+    assert trials[best.best_trial].value == pytest.approx(best.best_value)
+    # fine-tune from the sweep folder (with the best trial's network): its final weights
+    net = [f"{k}={v}" for k, v in best.best_params.items() if k.startswith("model.net.")]
+    cfg = compose_train(["experiment=finetune", f"model.init_from={sweep}",
+                         *tiny_overrides(tiny_cohort, cache_copy, tmp_path / "ft"), *net])
+    expected = network_weights(load_state_dict_safely(sweep / best.best_run_dir / "checkpoints" / "last.ckpt"))
+    got = build(cfg)["model"].net.state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
