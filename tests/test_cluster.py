@@ -214,3 +214,44 @@ def test_a_pruned_sweep_feeds_the_fine_tune_from_its_best_trial(tiny_cohort, cac
     expected = network_weights(load_state_dict_safely(sweep / best.best_run_dir / "checkpoints" / "last.ckpt"))
     got = build(cfg)["model"].net.state_dict()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded preprocessing
+# --------------------------------------------------------------------------------------------------
+
+
+def _entries(cache: Path) -> dict[str, dict]:
+    """{patient/hash: {file: crc32}} of a cache's committed entries."""
+    return {str(m.parent.relative_to(cache)): {k: v["crc32"] for k, v in json.loads(m.read_text())["files"].items()}
+            for m in sorted(cache.glob("*/*/meta.json"))}
+
+
+def test_two_shards_fill_the_same_cache_as_one_run(tiny_cohort, tiny_cache, tmp_path):
+    from ctpm.data.cache import shard_patients
+    from ctpm.data.manifest import load_manifest
+
+    patients = load_manifest(tiny_cohort).patients
+    parts = [shard_patients(patients, k, 3) for k in range(3)]
+    ids = [p.patient_id for part in parts for p in part]
+    assert sorted(ids) == sorted(p.patient_id for p in patients) and len(set(ids)) == len(ids)  # a partition
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+    out = tmp_path / "cache"
+    common = [f"manifest={tiny_cohort}", f"out={out}", "preprocessing.spacing=[4.0,4.0,4.0]",
+              "preprocessing.roi_size=[32,16,16]", "progress=false"]
+    res = run_cli("ctpm-preprocess", *common, "shard=0/2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "shard 0/2: 5 of 10 patients" in res.stdout
+    res = run_cli("ctpm-preprocess", *common, "check=true")
+    assert res.returncode == 2 and "5 of 10 patients are not in the cache" in res.stderr
+    second = sorted(p.patient_id for p in shard_patients(patients, 1, 2))
+    assert all(f"{pid}: missing" in res.stderr for pid in second)
+    res = run_cli("ctpm-preprocess", *common, "shard=1/2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run_cli("ctpm-preprocess", *common, "check=true")
+    assert res.returncode == 0 and "all 10 patients present" in res.stdout
+    # the same entries, byte for byte, as the cache one unsharded run built
+    assert _entries(out) == _entries(tiny_cache)
+    res = run_cli("ctpm-preprocess", *common, "shard=2/2")
+    assert res.returncode == 2 and "K must be in 0..N-1" in res.stderr
