@@ -22,9 +22,7 @@ def run(cfg: DictConfig) -> dict[str, str]:
     manifest = load_manifest(cfg.manifest, require_spect=True, cohort=cfg.cohort)
     # imported after the manifest is checked: a bad manifest is reported in a second, not after
     # torch and MONAI have loaded
-    from ctpm.data.cache import PreprocessCache
-
-    from ctpm.data.cache import parse_shard, shard_patients
+    from ctpm.data.cache import PreprocessCache, parse_shard, shard_patients
 
     cache = PreprocessCache(cfg.out, cfg.preprocessing)
     if cfg.get("check", False):

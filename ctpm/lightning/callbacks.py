@@ -16,7 +16,9 @@ from ctpm.data.record import PatientRecord, restore, to_ct
 class PerfusionWriter(BasePredictionWriter):
     """Writes each predicted patient as ``<output_dir>/<patient_id>.nii.gz``: both lungs put back
     through the inverse of the preprocessing onto the original CT grid (float32, standardised
-    perfusion), as ``ctpm-predict`` does, ready for ``ctpm-evaluate``."""
+    perfusion), as ``ctpm-predict`` does, ready for ``ctpm-evaluate``. Under DDP each process
+    holds whole patients (``PatientDistributedSampler``), so every map is written once, by the
+    process that predicted both lungs."""
 
     def __init__(self, output_dir: str):
         super().__init__(write_interval="batch")
@@ -29,8 +31,12 @@ class PerfusionWriter(BasePredictionWriter):
         self.written = []
 
     def on_predict_end(self, trainer, pl_module) -> None:
+        if self._pending:  # a patient's lungs on two processes: its map cannot be written
+            raise RuntimeError(f"prediction ended before every lung of {sorted(self._pending)} was seen; under DDP "
+                               "the predict loader needs whole patients per process (PatientDistributedSampler)")
         cache = getattr(trainer.datamodule, "cache", None)
-        if self.written and cache is not None:
+        # one record for the folder, by rank 0 (under DDP each process writes its own patients' maps)
+        if trainer.is_global_zero and cache is not None and (self.written or trainer.world_size > 1):
             write_provenance(self.output_dir, cache.cfg, checkpoints=[getattr(trainer, "ckpt_path", None)])
 
     def write_on_batch_end(self, trainer, pl_module, prediction: dict[str, Any], batch_indices, batch, batch_idx, dataloader_idx=0):

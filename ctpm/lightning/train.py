@@ -132,9 +132,28 @@ def _hydra_config():
     return HydraConfig.get() if HydraConfig.initialized() else None
 
 
+def refuse_ddp_multirun(cfg: DictConfig) -> None:
+    """strategy=ddp starts the other processes by running the command line again (Lightning's
+    subprocess launcher); in a Hydra multirun outside SLURM that command is the whole sweep, so
+    each process would start every job. Refused with the fix; under SLURM (hydra/launcher=slurm,
+    one task per device) or torchrun the processes exist already and nothing is re-launched."""
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    hc = _hydra_config()
+    if "ddp" not in strategy or "spawn" in strategy or hc is None or hc.mode != RunMode.MULTIRUN:
+        return
+    from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if SLURMEnvironment.detect() or TorchElasticEnvironment.detect():
+        return
+    raise CtpmError(f"trainer.strategy={strategy} in a multirun (-m) outside SLURM: each DDP process would re-run "
+                    "the whole sweep. Run the jobs one at a time without -m, or submit the multirun with "
+                    "hydra/launcher=slurm (one SLURM task per device), or use trainer.strategy=ddp_spawn")
+
+
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Datamodule, model, callbacks, loggers and trainer of a job config (seeded first: the
     network's initial weights depend on it)."""
+    refuse_ddp_multirun(cfg)
     init_from = starting_checkpoint(cfg)
     pl.seed_everything(int(cfg.seed), workers=True)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="object")
@@ -178,8 +197,9 @@ def train(cfg: DictConfig, command: str | None = None) -> dict[str, float]:
         out = Path(cfg.paths.output_dir)
         fold = cfg.data.get("fold") if cfg.data.get("mode") == "fold" else None
         summary = {"stage": cfg.get("stage"), "fold": fold, "metrics": metrics, "split": dm.split}
-        (out / "job.json").write_text(json.dumps(summary, indent=1))
-        write_provenance(out, run_record(cfg, trainer, fold=fold, predicted=predicted, command=command))
+        if trainer.is_global_zero:  # under DDP every process ends here, with the same synced metrics
+            (out / "job.json").write_text(json.dumps(summary, indent=1))
+            write_provenance(out, run_record(cfg, trainer, fold=fold, predicted=predicted, command=command))
         return metrics
     finally:
         _close_loggers(objects.get("loggers", []))
