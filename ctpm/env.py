@@ -24,7 +24,7 @@ IF_INSTALLED = [("lightning", "lightning"), ("SimpleITK", "SimpleITK"), ("itk-el
                 ("pytomography", "pytomography"), ("highdicom", "highdicom"), ("pylibjpeg", "pylibjpeg")]
 BACKENDS = [("lungmask", "lungmask", "preprocessing.lung_backend=lungmask"),
             ("optuna", "optuna", "hparams_search=optuna"),
-            ("hydra-submitit-launcher", "hydra-submitit-launcher", "hydra/launcher=submitit_slurm"),
+            ("hydra-submitit-launcher", "hydra-submitit-launcher", "hydra/launcher=slurm"),
             ("TotalSegmentator", "TotalSegmentator", "lobes from a CT; not used by ctpm itself")]
 WEIGHTS_ENV = "CTPM_LUNGMASK_WEIGHTS"
 

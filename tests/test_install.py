@@ -45,7 +45,7 @@ def _run(installed: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
 def test_the_wheel_carries_the_configs_and_its_commands_work(installed, tmp_path):
     assert (installed / "ctpm" / "conf" / "train.yaml").is_file()
     assert (installed / "ctpm" / "conf" / "scale" / "demo.yaml").is_file()
-    assert (installed / "ctpm" / "conf" / "hydra" / "launcher" / "submitit_slurm.yaml").is_file()
+    assert (installed / "ctpm" / "conf" / "hydra" / "launcher" / "slurm.yaml").is_file()
 
     where = _run(installed, tmp_path, sys.executable, "-c",
                  "import ctpm, ctpm.conf; print(ctpm.__file__); print(ctpm.conf.conf_dir())")

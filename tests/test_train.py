@@ -270,11 +270,3 @@ def test_optuna_sweep_returns_best_validation_r(tiny_cohort, tiny_cache, tmp_pat
     assert job["metrics"]["val/spearman_r"] == pytest.approx(best.best_value)
     assert (sweep / best.best_checkpoint) == sweep / best.best_run_dir / "checkpoints" / "last.ckpt"
     assert resolve_checkpoint(sweep) == sweep / best.best_checkpoint
-
-
-def test_slurm_launcher_composes_with_the_submitit_plugin():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install 'ctpm[slurm]'")
-    cfg = compose("train", ["hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=2"],
-                  return_hydra_config=True)
-    assert cfg.hydra.launcher.gpus_per_node == 2 and cfg.hydra.launcher.timeout_min == 720
-

@@ -200,6 +200,27 @@ class PreprocessCache:
         return result
 
 
+def parse_shard(spec: str | None) -> tuple[int, int] | None:
+    """``"K/N"`` (0 <= K < N, e.g. ``$SLURM_ARRAY_TASK_ID/N``) -> (K, N); None -> None."""
+    if spec is None or str(spec).strip() == "":
+        return None
+    try:
+        k, n = (int(v) for v in str(spec).split("/"))
+    except ValueError:
+        raise CtpmError(f"shard={spec!r} is not K/N (shard K of N, counted from 0)") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise CtpmError(f"shard={spec}: K must be in 0..N-1 (0..{n - 1}), e.g. shard=$SLURM_ARRAY_TASK_ID/{n}")
+    return k, n
+
+
+def shard_patients(patients: Iterable[Patient], index: int, count: int) -> list[Patient]:
+    """Shard ``index`` of ``count``: the patients at positions index, index + count, ... of the
+    manifest's patients sorted by id. A deterministic partition (every patient in exactly one
+    shard, sizes differ by at most one), so the shards of a SLURM array never write the same entry."""
+    ordered = sorted(patients, key=lambda p: p.patient_id)
+    return ordered[index::count]
+
+
 def _worker_init():
     import torch
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ctpm.data.cache import PreprocessCache
 from ctpm.data.manifest import Manifest, Patient, load_manifest
@@ -171,6 +171,35 @@ class EpochSeededSampler(Sampler[int]):
         return self.n
 
 
+class PatientDistributedSampler(DistributedSampler):
+    """Validation, test and prediction under DDP: whole patients per rank, nothing padded.
+
+    torch's DistributedSampler deals items (lungs) round-robin and pads the last round with
+    repeated items, so a patient's two lungs land on different ranks (the prediction writer never
+    sees both) and some lungs count twice in the metrics. Here rank r gets the patients r, r + W,
+    ... (sorted by id), each with all its lungs, in dataset order; ranks may hold a different number
+    of lungs. The metrics reduce sum states across ranks (ctpm.metrics), so every lung counts once.
+    A subclass of DistributedSampler, so Lightning (use_distributed_sampler=true) keeps it as it is.
+    """
+
+    def __init__(self, dataset: LungDataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        patients = sorted({pid for pid, _, _ in dataset.items})
+        if len(patients) < num_replicas:
+            raise CtpmError(f"{len(patients)} held-out patient(s) for {num_replicas} processes: every process "
+                            "needs one; use fewer devices for this run")
+        mine = set(patients[rank::num_replicas])
+        self.indices = [i for i, (pid, _, _) in enumerate(dataset.items) if pid in mine]
+        self.num_samples = len(self.indices)
+        self.total_size = len(dataset)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 # --------------------------------------------------------------------------------------------------
 # DataModule
 # --------------------------------------------------------------------------------------------------
@@ -255,7 +284,12 @@ class CohortDataModule(pl.LightningDataModule):
         self.test_set = LungDataset(self.cache, self.split["test"]) if self.split["test"] else None
 
     def _loader(self, ds, shuffle: bool) -> DataLoader:
+        """Training: the seeded shuffle (Lightning wraps it in its distributed sampler under DDP).
+        Evaluation: in order; under DDP, whole patients per process (PatientDistributedSampler)."""
         sampler = EpochSeededSampler(len(ds), self.seed) if shuffle else None
+        trainer = getattr(self, "trainer", None)
+        if not shuffle and trainer is not None and trainer.world_size > 1:
+            sampler = PatientDistributedSampler(ds, num_replicas=trainer.world_size, rank=trainer.global_rank)
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ctpm.data.cache import config_hash
@@ -55,9 +59,101 @@ def starting_checkpoint(cfg: DictConfig) -> str | None:
     return str(resolve_checkpoint(spec)) if spec else None
 
 
+def instantiate_loggers(cfg: DictConfig) -> list[Any]:
+    """The configured loggers; a WandbLogger gets this job's name, group and run id
+    (``wandb_identity``) where its config leaves them null."""
+    out = []
+    for key, c in (cfg.get("logger") or {}).items():
+        if not (isinstance(c, DictConfig) and "_target_" in c):
+            continue
+        extra = {}
+        if c._target_.endswith("WandbLogger"):
+            ident = wandb_identity(cfg, key)
+            extra = {k: v for k, v in ident.items() if c.get(k) is None}
+        out.append(hydra.utils.instantiate(c, **extra))
+    return out
+
+
+WANDB_RECORD = "wandb.json"
+
+
+def wandb_identity(cfg: DictConfig, key: str = "wandb") -> dict[str, Any]:
+    """name, group and id of this job's wandb run (see conf/logger/wandb.yaml).
+
+    name: <stage>, -fold<k> in fold mode, -trial<n> for a job of an Optuna sweep (-job<n> of
+    another multirun). group: <stage>-<sweep folder name> in a multirun, else None. id: that of
+    ``<run folder>/wandb.json`` when the folder has one (a rerun, the other ranks of a DDP job),
+    else that of the checkpoint's run folder on a resume (``ckpt_path=RUN/checkpoints/last.ckpt``),
+    else a new one; written to wandb.json by rank 0. Under ``wandb agent`` the agent's run id
+    (WANDB_RUN_ID) is kept and the sweep groups the runs."""
+    stage = str(cfg.get("stage") or cfg.get("task_name") or "run")
+    name, group = stage, None
+    if cfg.data.get("mode") == "fold":
+        name += f"-fold{cfg.data.fold}"
+    hc = _hydra_config()
+    if hc is not None and hc.mode == RunMode.MULTIRUN:
+        sweeper = str(hc.sweeper.get("_target_", ""))
+        if "optuna" in sweeper.lower():
+            name += f"-trial{hc.job.num}"
+        elif cfg.data.get("mode") != "fold":
+            name += f"-job{hc.job.num}"
+        group = f"{stage}-{Path(str(hc.sweep.dir)).name}"
+    out = Path(str(cfg.paths.output_dir))
+    run_id = os.environ.get("WANDB_RUN_ID") or _recorded_wandb_id(out)
+    if run_id is None and cfg.get("ckpt_path"):
+        run_id = _recorded_wandb_id(Path(str(cfg.ckpt_path)).absolute().parent.parent)
+    if run_id is None:  # the form of wandb's own ids: 8 of [a-z0-9]
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    if os.environ.get("WANDB_SWEEP_ID"):
+        group = None  # wandb groups a sweep's runs itself
+    ident = {"name": name, "group": group, "id": run_id}
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{WANDB_RECORD}.tmp{os.getpid()}"
+        project = cfg.logger[key].get("project")
+        tmp.write_text(json.dumps({**ident, "project": project}, indent=1) + "\n")
+        tmp.replace(out / WANDB_RECORD)
+    return ident
+
+
+def _recorded_wandb_id(run_dir: Path) -> str | None:
+    path = run_dir / WANDB_RECORD
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("id") or None
+    except (OSError, ValueError):
+        return None
+
+
+def _hydra_config():
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def refuse_ddp_multirun(cfg: DictConfig) -> None:
+    """strategy=ddp starts the other processes by running the command line again (Lightning's
+    subprocess launcher); in a Hydra multirun outside SLURM that command is the whole sweep, so
+    each process would start every job. Refused with the fix; under SLURM (hydra/launcher=slurm,
+    one task per device) or torchrun the processes exist already and nothing is re-launched."""
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    hc = _hydra_config()
+    if "ddp" not in strategy or "spawn" in strategy or hc is None or hc.mode != RunMode.MULTIRUN:
+        return
+    from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if SLURMEnvironment.detect() or TorchElasticEnvironment.detect():
+        return
+    raise CtpmError(f"trainer.strategy={strategy} in a multirun (-m) outside SLURM: each DDP process would re-run "
+                    "the whole sweep. Run the jobs one at a time without -m, or submit the multirun with "
+                    "hydra/launcher=slurm (one SLURM task per device), or use trainer.strategy=ddp_spawn")
+
+
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Datamodule, model, callbacks, loggers and trainer of a job config (seeded first: the
     network's initial weights depend on it)."""
+    refuse_ddp_multirun(cfg)
     init_from = starting_checkpoint(cfg)
     pl.seed_everything(int(cfg.seed), workers=True)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="object")
@@ -65,8 +161,10 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     net_config = json.dumps(OmegaConf.to_container(cfg.model.net, resolve=True))
     preprocessing = json.dumps(OmegaConf.to_container(cfg.data.preprocessing, resolve=True))
     model = hydra.utils.instantiate(cfg.model, init_from=init_from, net_config=net_config, preprocessing=preprocessing)
+    loggers = instantiate_loggers(cfg)
     callbacks = instantiate_list(cfg.get("callbacks"))
-    loggers = instantiate_list(cfg.get("logger"))
+    if not loggers:  # a LearningRateMonitor refuses a trainer without loggers
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return {"datamodule": datamodule, "model": model, "callbacks": callbacks, "loggers": loggers, "trainer": trainer}
 
@@ -99,8 +197,9 @@ def train(cfg: DictConfig, command: str | None = None) -> dict[str, float]:
         out = Path(cfg.paths.output_dir)
         fold = cfg.data.get("fold") if cfg.data.get("mode") == "fold" else None
         summary = {"stage": cfg.get("stage"), "fold": fold, "metrics": metrics, "split": dm.split}
-        (out / "job.json").write_text(json.dumps(summary, indent=1))
-        write_provenance(out, run_record(cfg, trainer, fold=fold, predicted=predicted, command=command))
+        if trainer.is_global_zero:  # under DDP every process ends here, with the same synced metrics
+            (out / "job.json").write_text(json.dumps(summary, indent=1))
+            write_provenance(out, run_record(cfg, trainer, fold=fold, predicted=predicted, command=command))
         return metrics
     finally:
         _close_loggers(objects.get("loggers", []))
