@@ -34,7 +34,7 @@ def evaluated(tiny_cohort, tmp_path_factory):
 def test_every_set_and_column(evaluated):
     m, _, result = evaluated
     rows = result["rows"]
-    assert set(rows) == {"model", "density", "geometry", "truth_psf", "truth"}
+    assert set(rows) == {"model", "density", "geometry", "truth_psf", "oracle_psf", "truth"}
     assert all(len(v) == 6 for v in rows.values())
     for row in rows["model"]:
         for key in ("pearson_r", "spearman_r_interior", "pearson_r_interior", "dice_high_interior",
@@ -50,6 +50,10 @@ def test_every_set_and_column(evaluated):
     # the truth seen through the PSF is closer to the SPECT than the unblurred truth
     psf = np.mean([r["spearman_r"] for r in rows["truth_psf"]])
     assert psf > np.mean([r["spearman_r"] for r in rows["truth"]])
+    # what CT can know (the CT-visible oracle through the PSF) cannot beat the whole truth through it
+    oracle = [r["spearman_r"] for r in rows["oracle_psf"]]
+    assert np.mean(oracle) <= psf + 1e-6
+    assert [r["ceiling_oracle_r"] for r in rows["model"]] == oracle
     assert np.mean([r["spearman_r"] for r in rows["geometry"]]) > 0.2  # the lungs' outline alone correlates
     assert result["density_fit"] == "noncancer cohort" and result["spect_fwhm"]["default_mm"] == 13.0
 

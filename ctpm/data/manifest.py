@@ -17,7 +17,7 @@ from pathlib import Path
 from ctpm.errors import CtpmError
 
 REQUIRED = ("patient_id", "cohort", "institution", "ct", "spect")
-OPTIONAL_PATHS = ("lung_mask", "lobes", "perfusion", "dose")
+OPTIONAL_PATHS = ("lung_mask", "lobes", "perfusion", "dose", "oracle")
 OPTIONAL = OPTIONAL_PATHS + ("tumor_diameter_mm", "spect_fwhm_mm")
 COHORTS = ("noncancer", "cancer")
 # Patient ids become file names of outputs: keep them to characters that are safe everywhere.
@@ -35,6 +35,7 @@ class Patient:
     lobes: Path | None = None
     perfusion: Path | None = None
     dose: Path | None = None
+    oracle: Path | None = None  # synthetic cohorts: the perfusion rebuilt from the CT-visible causes only
     tumor_diameter_mm: float | None = None
     spect_fwhm_mm: float | None = None
     row: int = 0
@@ -154,6 +155,7 @@ def load_manifest(path: str | Path, *, require_spect: bool = True, cohort: str |
                 lung_mask=resolve("lung_mask", False),
                 lobes=resolve("lobes", False),
                 perfusion=resolve("perfusion", False),
+                oracle=resolve("oracle", False),
                 dose=resolve("dose", False),
                 tumor_diameter_mm=diameter_mm,
                 spect_fwhm_mm=fwhm_mm,

@@ -146,6 +146,16 @@ class GeometryPrior(LeastSquaresBaseline):
         return geometry_features(gv, patient_fwhm_mm(gv.patient, self.default_fwhm_mm))
 
 
+def oracle_map(oracle: np.ndarray, gv: Any, fwhm_mm: float, percentile: float = 75.0) -> np.ndarray:
+    """The CT-visible oracle of a synthetic patient (the perfusion rebuilt from the causes CT can
+    see, on the evaluation grid) seen through the patient's SPECT PSF and standardised like the
+    SPECT: the ceiling of any CT-based model on that patient."""
+    from ctpm.data.transforms import standardise_spect
+
+    blurred = gaussian_mm(np.asarray(oracle, np.float64), fwhm_mm, grid_spacing(gv.affine))
+    return standardise_spect(blurred.astype(np.float32), np.asarray(gv.mask, bool), percentile)[0]
+
+
 def ceiling_maps(gv: Any, fwhm_mm: float, percentile: float = 75.0) -> dict[str, np.ndarray]:
     """The two ceilings of a synthetic patient (``gv.truth`` the true perfusion on the grid),
     standardised like the SPECT (divided by their ``percentile`` in the mask, clipped to 1):

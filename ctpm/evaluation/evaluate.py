@@ -39,6 +39,7 @@ from ctpm.evaluation.baselines import (  # noqa: F401
     DensityBaseline,
     GeometryPrior,
     ceiling_maps,
+    oracle_map,
     density_features,
 )
 from ctpm.evaluation.defects import (
@@ -186,7 +187,7 @@ def evaluate(
 
     Returns {"rows": {set name: [per-patient rows]}, "missing": [...], "missing_folds": [...],
     "case": arrays of a representative patient for the figure}; the sets are "model",
-    "baseline", "density", "geometry", "truth_psf" and "truth", those evaluated.
+    "baseline", "density", "geometry", "truth_psf", "oracle_psf" and "truth", those evaluated.
     """
     ids = [p.patient_id for p in manifest if cohort is None or p.cohort == cohort]
     if not ids:
@@ -269,6 +270,9 @@ def _evaluate_records(store: PreprocessCache, patients: list[Patient], fit_patie
                 for name, volume in ceiling_maps(gv, fwhm).items():
                     out[name] = metrics(volume)
                 out["model"]["ceiling_psf_r"] = out["truth_psf"]["spearman_r"]
+        if ceilings and getattr(p, "oracle", None) is not None:  # what CT can know, seen through the PSF
+            out["oracle_psf"] = metrics(oracle_map(gv.on_grid(p.oracle), gv, fwhm))
+            out["model"]["ceiling_oracle_r"] = out["oracle_psf"]["spearman_r"]
         if base_paths:
             out["baseline"] = metrics(gv.on_grid(base_paths[p.patient_id], min_coverage=min_coverage))
         # --- fitted baselines: scored now, or after all patients for a leave-one-out fit ---
@@ -283,7 +287,7 @@ def _evaluate_records(store: PreprocessCache, patients: list[Patient], fit_patie
     scored = run_batch(score, patients, progress=progress, desc="ctpm-evaluate")
     scored.raise_if_failed("evaluated")
     rows: dict[str, list[dict]] = {"model": [v["model"] for v in scored.ok.values()]}
-    for name in ("baseline", "truth_psf", "truth", *fitted):
+    for name in ("baseline", "truth_psf", "oracle_psf", "truth", *fitted):
         found = [v[name] for v in scored.ok.values() if name in v]
         if found or name in fitted:
             rows[name] = found

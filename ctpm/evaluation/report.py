@@ -58,11 +58,11 @@ from ctpm.evaluation.stats import (
 
 DEFAULT_LABELS = {"model": "fine-tuned", "baseline": "pretrained only", "geometry": "geometry prior",
                   "density": "density baseline", "truth_psf": "ceiling: truth through the SPECT PSF",
-                  "truth": "truth (unblurred)"}
+                  "oracle_psf": "ceiling: CT-visible oracle through the SPECT PSF", "truth": "truth (unblurred)"}
 #: The prediction sets in the order the report lists them, with the CSV each is written to.
 SET_FILES = {"model": "metrics.csv", "baseline": "baseline_metrics.csv", "geometry": "geometry_metrics.csv",
              "density": "density_metrics.csv", "truth_psf": "ceiling_psf_metrics.csv",
-             "truth": "ceiling_truth_metrics.csv"}
+             "oracle_psf": "ceiling_oracle_metrics.csv", "truth": "ceiling_truth_metrics.csv"}
 #: Sets the model is compared with patient by patient (paired differences), in the report's order.
 COMPARED = ("geometry", "density", "baseline")
 #: The set whose margin is the headline: what the model adds over the lungs' geometry.
@@ -143,6 +143,12 @@ def summarise(frames: Mapping[str, pd.DataFrame], result: Mapping[str, Any], *, 
             attainable["fraction_of_attainable"] = (ceiling["model_mean_r"] / attainable["mean"]
                                                     if psf.size and attainable["mean"] != 0 else math.nan)
             ceiling["attainable"] = attainable
+        if "ceiling_oracle_r" in model.columns:
+            oracle = pd.to_numeric(model["ceiling_oracle_r"], errors="coerce").dropna().to_numpy(float)
+            known = describe(oracle)
+            known["fraction_of_oracle"] = (ceiling["model_mean_r"] / known["mean"]
+                                           if oracle.size and known["mean"] != 0 else math.nan)
+            ceiling["oracle"] = known
         summary["ceiling"] = ceiling
     return summary
 
@@ -356,7 +362,7 @@ def render_markdown(summary: Mapping[str, Any], frames: Mapping[str, pd.DataFram
                          "(a fold job failed or has not run).")
         lines.append("")
 
-    compared = [labels[n] for n in COMPARED + ("truth_psf", "truth") if n in frames]
+    compared = [labels[n] for n in COMPARED + ("truth_psf", "oracle_psf", "truth") if n in frames]
     lines += [f"{summary['n_patients']} patient(s) evaluated; {labels['model']} predictions"
               + (f", compared with {', '.join(compared)}" if compared else "")
               + f". Functional volumes at the threshold {summary['threshold']} of the standardised perfusion.",
@@ -411,6 +417,12 @@ def render_markdown(summary: Mapping[str, Any], frames: Mapping[str, pd.DataFram
             lines.append(f"- **Attainable ceiling**: the truth seen through each patient's SPECT PSF correlates with "
                          f"the SPECT at R = {_mean_sd(a)}; no map can do better against this SPECT. The "
                          f"{labels['model']} model reaches {_num(100 * a['fraction_of_attainable'], 1)}% of it.")
+        if c.get("oracle"):
+            o = c["oracle"]
+            lines.append(f"- **What CT can know**: the CT-visible oracle (the perfusion rebuilt from the causes CT can "
+                         f"see) through each patient's PSF correlates with the SPECT at R = {_mean_sd(o)}: the "
+                         f"ceiling of any CT-based model here. The {labels['model']} model reaches "
+                         f"{_num(100 * o['fraction_of_oracle'], 1)}% of it.")
     lines.append("")
     _figure(lines, figure_files, "r_before_after", f"Voxel-wise R, {labels.get('baseline')} vs {labels['model']}")
     _figure(lines, figure_files, "r_vs_density", f"Voxel-wise R, {labels.get('density')} vs {labels['model']}")
@@ -631,7 +643,7 @@ def write_report(result: Mapping[str, Any], out_dir: str | Path, *, labels: Mapp
 #: The numbers of one evaluation that the seeds table reports, as (row label, summary.json path).
 SEED_ROWS = tuple(
     [(f"{name}: {METRIC_NAMES[m]}", f"sets.{name}.summary.metrics.{m}.mean")
-     for name in ("model", "baseline", "geometry", "density", "truth_psf")
+     for name in ("model", "baseline", "geometry", "density", "truth_psf", "oracle_psf")
      for m in ("spearman_r", "spearman_r_interior", "dice_high", "dice_low")]
     + [(f"{name}: mean lobe r", f"sets.{name}.mean_lobe_r.estimate") for name in ("model", "geometry", "density")]
     + [(f"margin over the geometry prior: {METRIC_NAMES[m]}", f"headline.metrics.{m}.margin.estimate")

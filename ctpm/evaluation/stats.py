@@ -48,7 +48,7 @@ DEFECT_METRICS = ("defect_sensitivity", "defect_precision", "defect_sensitivity_
 #: Further per-patient metrics summarised when the rows have them: Pearson, the interior, the
 #: defects, per-lung R, the noise ceiling and the attainable ceiling (truth blurred by the PSF).
 OPTIONAL_METRICS = (("pearson_r",) + INTERIOR_METRICS + DEFECT_METRICS
-                    + ("spearman_r_right", "spearman_r_left", "ceiling_r", "ceiling_psf_r"))
+                    + ("spearman_r_right", "spearman_r_left", "ceiling_r", "ceiling_psf_r", "ceiling_oracle_r"))
 #: Metrics compared between two sets of the same patients (paired differences with intervals).
 PAIRED_METRICS = METRICS + ("pearson_r",) + INTERIOR_METRICS + ("defect_sensitivity", "defect_precision")
 #: The DSC levels the paper counts patients above ("32 of 33 > 0.7", "67% > 0.8").
@@ -64,7 +64,7 @@ ROW_COLUMNS = (
     + METRICS
     + ("pearson_r",) + INTERIOR_METRICS + ("n_voxels_interior",) + DEFECT_METRICS
     + ("n_defects", "defects_found", "defect_ml", "low_call_ml")
-    + ("ceiling_r", "ceiling_psf_r", "spearman_r_right", "spearman_r_left")
+    + ("ceiling_r", "ceiling_psf_r", "ceiling_oracle_r", "spearman_r_right", "spearman_r_left")
     + tuple(f"mean_{kind}_{side}" for side in LUNGS for kind in ("pred", "spect"))
     + tuple(f"mean_{kind}_{lobe}" for lobe in LOBES for kind in ("pred", "spect"))
 )
