@@ -47,16 +47,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NORMS = ("batch", "instance", "group", "none")
+NORMS = ("batch", "instance", "group", "layer", "none")
 FINAL_ACTIVATIONS = ("sigmoid", "clamp", "none")
 
 
 def make_norm(norm: str, channels: int) -> nn.Module:
-    """A 3-D normalisation layer by name: "batch", "instance", "group" or "none".
+    """A 3-D normalisation layer by name: "batch", "instance", "group", "layer" or "none".
 
     Instance norm is the default because the network trains with batches of 2 lungs, where batch
     statistics are noisy. Group norm uses up to 8 groups (the largest divisor of ``channels`` that
-    is at most 8), so it works for any channel count.
+    is at most 8), so it works for any channel count; layer norm is group norm with one group.
+    Instance, group and layer norm standardise each lung by its own statistics and so remove its
+    global density level from the features; batch norm and none keep it.
     """
     if norm == "batch":
         return nn.BatchNorm3d(channels)
@@ -64,6 +66,8 @@ def make_norm(norm: str, channels: int) -> nn.Module:
         return nn.InstanceNorm3d(channels, affine=True)
     if norm == "group":
         return nn.GroupNorm(math.gcd(8, channels), channels)
+    if norm == "layer":
+        return nn.GroupNorm(1, channels)
     if norm == "none":
         return nn.Identity()
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -205,7 +209,7 @@ class ARNN(nn.Module):
         channel_multiplier: channels grow by this factor per level
             (level ``i`` has ``base_channels * channel_multiplier ** i``).
         blocks_per_level: residual blocks per level in the encoder and in the decoder.
-        norm: "instance", "batch", "group" or "none".
+        norm: "instance", "batch", "group", "layer" or "none" (see ``make_norm``).
         residual: residual blocks (True) or plain double convolutions (False).
         roi_attention: gate the encoder features and the output with the lung mask (True), or
             ignore the mask entirely (False).
