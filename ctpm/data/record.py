@@ -84,6 +84,12 @@ class LungInverse:
     def box_shape(self) -> tuple[int, int, int]:
         return tuple(int(b - a) for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
 
+    def roi_spacing(self, grid_spacing: Sequence[float]) -> tuple[float, float, float]:
+        """The ROI's voxel size in mm along its own axes, given the evaluation grid's spacing: the
+        resize to roi_size stretches every axis by its own factor (box / roi_size)."""
+        return tuple(float(grid_spacing[g]) * self.box_shape[g] / self.roi_size[a]  # type: ignore[return-value]
+                     for a, g in enumerate(self.transpose))
+
     def to_json(self) -> dict:
         return {"start": list(self.start), "stop": list(self.stop), "grid_shape": list(self.grid_shape),
                 "transpose": list(self.transpose), "roi_size": list(self.roi_size), "flip": list(self.flip),
