@@ -41,6 +41,7 @@ BENCHES = {
     "evaluate": "benchmarks.bench_evaluate",
     "predict": "benchmarks.bench_predict",
     "train": "benchmarks.bench_train",
+    "registration": "benchmarks.bench_registration",
 }
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 ROW_KEYS = ("benchmark", "measure", "value", "unit", "reference", "reference_value", "ratio", "target", "ok")

@@ -3,6 +3,7 @@ hand-checkable counts, and the small-n / missing-column behaviour (NaN or None w
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -14,11 +15,19 @@ import scipy.stats
 from ctpm.evaluation.stats import (
     LOBES,
     ROW_COLUMNS,
+    aggregate_seeds,
+    bootstrap_interval,
     cohort_summary,
+    fisher_z_interval,
     format_p,
+    includes_zero,
     institution_comparison,
     lobe_agreement,
+    lobe_margins,
+    mean_interval,
+    mean_lobe_r,
     paired_comparison,
+    pearson_r,
     rows_to_frame,
     tumour_size_association,
 )
@@ -227,3 +236,107 @@ def test_rows_to_frame_orders_columns_and_makes_diameter_numeric():
 def test_format_p():
     assert format_p(0.0047) == "0.0047" and format_p(0.0006) == "6.00e-04" and format_p(3.2e-9) == "3.20e-09"
     assert format_p(float("nan")) == "n/a" and format_p(None) == "n/a"
+
+
+# --- intervals ---------------------------------------------------------------------------------
+
+
+def test_pearson_r_matches_scipy_in_float64():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=5000).astype(np.float32)
+    y = (0.3 * x + rng.normal(size=5000)).astype(np.float32)
+    assert pearson_r(x, y) == pytest.approx(scipy.stats.pearsonr(x.astype(float), y.astype(float)).statistic, abs=1e-12)
+    assert math.isnan(pearson_r([1.0], [2.0])) and math.isnan(pearson_r([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
+
+
+@pytest.mark.parametrize("method", ["BCa", "percentile"])
+def test_mean_interval_is_scipys_bootstrap(method):
+    v = np.random.default_rng(5).normal(0.7, 0.1, 17)
+    cfg = {"n_resamples": 2000, "seed": 3, "confidence": 0.9, "method": method}
+    ci = mean_interval(np.append(v, np.nan), cfg)  # the NaN patient is left out
+    ref = scipy.stats.bootstrap((v,), np.mean, n_resamples=2000, confidence_level=0.9, method=method,
+                                random_state=np.random.default_rng(3)).confidence_interval
+    assert ci["n"] == 17 and ci["estimate"] == pytest.approx(v.mean(), abs=TOL) and ci["method"] == method
+    assert (ci["low"], ci["high"]) == pytest.approx((ref.low, ref.high), abs=1e-12)
+    assert ci["low"] < v.mean() < ci["high"]
+
+
+def test_paired_difference_interval_resamples_patients_together():
+    rng = np.random.default_rng(6)
+    b = rng.uniform(0.5, 0.8, 12)
+    a = b + rng.normal(0.05, 0.02, 12)
+    ci = bootstrap_interval([a, b], lambda x, y: np.mean(x - y, axis=-1), {"n_resamples": 3000, "seed": 1})
+    ref = scipy.stats.bootstrap((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), paired=True, n_resamples=3000,
+                                random_state=np.random.default_rng(1)).confidence_interval
+    assert (ci["low"], ci["high"]) == pytest.approx((ref.low, ref.high), abs=1e-12)
+    assert includes_zero(ci) is False
+    # the same through paired_comparison, on frames joined by patient
+    da = pd.DataFrame({"patient_id": [f"p{i}" for i in range(12)], "spearman_r": a})
+    db = pd.DataFrame({"patient_id": [f"p{i}" for i in range(12)][::-1], "spearman_r": b[::-1]})
+    cmp = paired_comparison(da, db, bootstrap={"n_resamples": 3000, "seed": 1})
+    assert (cmp["ci"]["low"], cmp["ci"]["high"]) == pytest.approx((ref.low, ref.high), abs=1e-12)
+    assert cmp["ci"]["includes_zero"] is False
+    # a difference of noise: its interval includes zero
+    noise = paired_comparison(da, da.assign(spearman_r=a + rng.normal(0, 0.05, 12)))
+    assert noise["ci"]["includes_zero"] is True
+
+
+def test_interval_small_n_and_constant():
+    two = mean_interval(np.array([0.5, 0.7]))
+    assert two["n"] == 2 and math.isnan(two["low"]) and "at least 3" in two["note"]
+    assert includes_zero(two) is None
+    same = mean_interval(np.full(6, 0.8))
+    assert same["low"] == pytest.approx(0.8) and same["high"] == pytest.approx(0.8)
+
+
+def test_fisher_z_interval_by_hand_and_against_scipy():
+    # r = 0.5, n = 19: z = atanh(0.5) = 0.549306, se = 1/4, 1.959964 * 0.25 = 0.489991
+    low, high = fisher_z_interval(0.5, 19)
+    assert low == pytest.approx(math.tanh(0.5493061443 - 0.4899909961), abs=1e-9)
+    assert high == pytest.approx(math.tanh(0.5493061443 + 0.4899909961), abs=1e-9)
+    assert (low, high) == pytest.approx((0.0592, 0.7776), abs=1e-4)  # (e^0.1186 - 1)/(e^0.1186 + 1), ...e^2.0786
+    x = np.random.default_rng(7).normal(size=14)
+    y = x + np.random.default_rng(8).normal(size=14)
+    ref = scipy.stats.pearsonr(x, y).confidence_interval(0.95)
+    assert fisher_z_interval(scipy.stats.pearsonr(x, y).statistic, 14) == pytest.approx((ref.low, ref.high), abs=1e-12)
+    assert all(math.isnan(v) for v in fisher_z_interval(0.9, 3))
+    a = lobe_agreement(cohort(14))["RUL"]
+    assert (a["pearson_ci_low"], a["pearson_ci_high"]) == pytest.approx(fisher_z_interval(a["pearson_r"], 14), abs=1e-15)
+
+
+def test_lobe_margins_difference_of_correlations():
+    df = cohort(15, seed=9)
+    worse = df.copy()
+    rng = np.random.default_rng(10)
+    for lobe in LOBES:
+        worse[f"mean_pred_{lobe}"] = rng.uniform(0.2, 1.0, len(df))  # no relation to the SPECT
+    margins = lobe_margins(df, worse, {"n_resamples": 1000})
+    for lobe in LOBES:
+        expected = (scipy.stats.pearsonr(df[f"mean_pred_{lobe}"], df[f"mean_spect_{lobe}"]).statistic
+                    - scipy.stats.pearsonr(worse[f"mean_pred_{lobe}"], df[f"mean_spect_{lobe}"]).statistic)
+        assert margins[lobe]["estimate"] == pytest.approx(expected, abs=1e-12)
+    mean = margins["mean_lobe_r"]
+    assert mean["estimate"] == pytest.approx(np.mean([margins[lobe]["estimate"] for lobe in LOBES]), abs=1e-12)
+    assert mean["includes_zero"] is False and mean["low"] > 0
+    assert "right" not in margins  # no per-lung columns in these rows
+    assert mean_lobe_r(df)["estimate"] == pytest.approx(
+        np.mean([lobe_agreement(df)[lobe]["pearson_r"] for lobe in LOBES]), abs=1e-12)
+
+
+def test_aggregate_seeds_mean_and_sd(tmp_path):
+    docs = [{"headline": {"metrics": {"spearman_r": {"margin": {"estimate": v, "low": None}}}}, "n_patients": 18,
+             "title": "seed", "flag": True} for v in (0.10, 0.14, 0.06)]
+    docs[2]["only_here"] = 1.5
+    paths = []
+    for i, doc in enumerate(docs):
+        paths.append(tmp_path / f"s{i}.json")
+        paths[-1].write_text(json.dumps(doc))
+    agg = aggregate_seeds(paths)
+    assert agg["n_seeds"] == 3 and agg["sources"] == [str(p) for p in paths]
+    m = agg["values"]["headline.metrics.spearman_r.margin.estimate"]
+    assert m["n"] == 3 and m["mean"] == pytest.approx(0.10) and m["sd"] == pytest.approx(0.04)
+    assert agg["values"]["n_patients"]["sd"] == 0 and agg["values"]["only_here"]["n"] == 1
+    assert "title" not in agg["values"] and "flag" not in agg["values"]  # strings and booleans are not numbers
+    assert "headline.metrics.spearman_r.margin.low" not in agg["values"]  # null in every file
+    with pytest.raises(ValueError):
+        aggregate_seeds([])

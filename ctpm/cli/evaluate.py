@@ -35,8 +35,12 @@ def run(cfg: DictConfig) -> dict:
                       baseline_predictions=baseline, density_baseline=bool(cfg.density_baseline),
                       density_fit_cohort=cfg.density_fit_cohort, threshold=float(cfg.threshold),
                       splits=cfg.splits, progress=bool(cfg.progress),
-                      min_coverage=float(cfg.min_coverage))
-    files = write_report(result, out, labels=OmegaConf.to_container(cfg.labels), title=cfg.title, threshold=float(cfg.threshold))
+                      min_coverage=float(cfg.min_coverage),
+                      geometry_prior=bool(cfg.geometry_prior), smooth_density=bool(cfg.smooth_density),
+                      default_spect_fwhm_mm=float(cfg.default_spect_fwhm_mm), min_defect_ml=float(cfg.min_defect_ml),
+                      ceilings=bool(cfg.ceilings))
+    files = write_report(result, out, labels=OmegaConf.to_container(cfg.labels), title=cfg.title, threshold=float(cfg.threshold),
+                         bootstrap=OmegaConf.to_container(cfg.bootstrap))
     rows = result["rows"]["model"]
     mean_r = sum(r["spearman_r"] for r in rows) / len(rows)
     print(f"ctpm-evaluate: {len(rows)} patients, mean Spearman R {mean_r:.4f} -> {files.get('report', out)}")

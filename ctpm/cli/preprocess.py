@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import hydra
@@ -41,6 +42,13 @@ def run(cfg: DictConfig) -> dict[str, str]:
         tmp.replace(path)
         vals = sorted(rt.values())
         print(f"roundtrip Spearman R (the ceiling at roi_size): min {vals[0]:.4f}, mean {sum(vals) / len(vals):.4f} -> {path}")
+    if cache.cfg.register_spect != "none":  # the cohort's SPECT-to-CT transforms, one table
+        from ctpm.data.registration import write_registration_table
+
+        found = [cache.entry_dir(p.patient_id) / "registration.json" for p in manifest.patients]
+        table = write_registration_table([json.loads(f.read_text()) for f in found if f.is_file()],
+                                         Path(cfg.out) / "registration.csv")
+        print(f"SPECT-to-CT registration ({cache.cfg.register_spect}) of {sum(f.is_file() for f in found)} patient(s) -> {table}")
     others = len(result.ok)
     result.raise_if_failed("preprocessed", note=f"the other {others} patient(s) are in the cache" if others else None)
     return {pid: status for pid, (status, _) in result.ok.items()}

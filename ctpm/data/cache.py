@@ -9,6 +9,7 @@ Layout under the cache folder (``ctpm-preprocess out=DIR``)::
         grid_ct.npy grid_spect.npy grid_mask.npy grid_lungs.npy [grid_lobes.npy grid_truth.npy]
                                              the evaluation grid (HU, standardised SPECT, masks, lobes, truth)
         lungs.nii.gz ct_mask.npy             lungs and evaluation mask (bits) on the CT grid
+        registration.json registration_qa.png   with register_spect: the SPECT-to-CT transform, QA overlay
         meta.json                            geometry (grids, per-lung inverse), SPECT percentile, DICOM
                                              meta, input fingerprint, checksums of every file
     DIR/<config-hash>.json                the config behind a hash (ctpm-evaluate cache=DIR reads it)
@@ -104,6 +105,11 @@ class PreprocessCache:
                     np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
             save_nifti(rec.ct_lungs, rec.ct_grid.affine, tmp / "lungs.nii.gz", dtype=np.uint8)
             np.save(tmp / "ct_mask.npy", np.packbits(np.asarray(rec.ct_mask, bool).ravel()))
+            if rec.registration is not None:  # register_spect: the transform and its QA overlay
+                from ctpm.data.registration import write_qa_png, write_registration_json
+
+                write_registration_json(rec.registration, tmp / "registration.json", patient=rec.patient_id)
+                write_qa_png(rec.registration, tmp / "registration_qa.png", patient=rec.patient_id)
             files = {f.name: {"bytes": f.stat().st_size, "crc32": _crc(f)} for f in sorted(tmp.iterdir())}
             meta = {
                 "patient_id": rec.patient_id,

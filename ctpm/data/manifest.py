@@ -1,8 +1,8 @@
 """The cohort manifest: one CSV row per patient, validated on load.
 
 Columns (design card): ``patient_id, cohort, institution, ct, spect`` and the optional
-``lung_mask, lobes, tumor_diameter_mm``; synthetic cohorts add ``perfusion`` (the truth) and
-``dose``. Paths are relative to the manifest's folder; ``ct`` and ``spect`` are a NIfTI file or a
+``lung_mask, lobes, tumor_diameter_mm, spect_fwhm_mm`` (the SPECT's resolution, mm); synthetic
+cohorts add ``perfusion`` (the truth) and ``dose``. Paths are relative to the manifest's folder; ``ct`` and ``spect`` are a NIfTI file or a
 folder holding one DICOM series.
 """
 
@@ -18,7 +18,7 @@ from ctpm.errors import CtpmError
 
 REQUIRED = ("patient_id", "cohort", "institution", "ct", "spect")
 OPTIONAL_PATHS = ("lung_mask", "lobes", "perfusion", "dose")
-OPTIONAL = OPTIONAL_PATHS + ("tumor_diameter_mm",)
+OPTIONAL = OPTIONAL_PATHS + ("tumor_diameter_mm", "spect_fwhm_mm")
 COHORTS = ("noncancer", "cancer")
 # Patient ids become file names of outputs: keep them to characters that are safe everywhere.
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -36,6 +36,7 @@ class Patient:
     perfusion: Path | None = None
     dose: Path | None = None
     tumor_diameter_mm: float | None = None
+    spect_fwhm_mm: float | None = None
     row: int = 0
 
 
@@ -136,6 +137,13 @@ def load_manifest(path: str | Path, *, require_spect: bool = True, cohort: str |
             raise fail(f"tumor_diameter_mm {diameter!r} is not a number") from None
         if diameter_mm is not None and (not math.isfinite(diameter_mm) or diameter_mm < 0):
             raise fail(f"tumor_diameter_mm {diameter!r} must be a non-negative number")
+        fwhm = row.get("spect_fwhm_mm", "")
+        try:
+            fwhm_mm = float(fwhm) if fwhm else None
+        except ValueError:
+            raise fail(f"spect_fwhm_mm {fwhm!r} is not a number") from None
+        if fwhm_mm is not None and not (math.isfinite(fwhm_mm) and fwhm_mm > 0):
+            raise fail(f"spect_fwhm_mm {fwhm!r} must be a positive number (mm)")
         patients.append(
             Patient(
                 patient_id=pid,
@@ -148,6 +156,7 @@ def load_manifest(path: str | Path, *, require_spect: bool = True, cohort: str |
                 perfusion=resolve("perfusion", False),
                 dose=resolve("dose", False),
                 tumor_diameter_mm=diameter_mm,
+                spect_fwhm_mm=fwhm_mm,
                 row=n,
             )
         )

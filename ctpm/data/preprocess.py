@@ -80,6 +80,7 @@ def preprocess_patient(patient: Patient | dict, cfg: PreprocessConfig | dict | N
                                       native, ct_grid) > 0,
         spect_percentile=d.get("percentile_spect"),
         dicom=d.get("dicom_ct", {}),
+        registration=d.get("registration"),
     )
 
 

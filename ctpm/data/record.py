@@ -235,6 +235,7 @@ class PatientRecord:
     ct_mask_array: np.ndarray | None = field(default=None, repr=False)
     spect_percentile: float | None = None
     dicom: dict[str, Any] = field(default_factory=dict)
+    registration: Any = field(default=None, repr=False)  # ctpm.data.registration.Registration (register_spect)
     path: Path | None = None  # the cache entry it was read from
 
     @property

@@ -6,6 +6,7 @@ Forward, per patient (keys in brackets):
                   ->  Spacingd to the isotropic grid of the CT (1 mm)  [ct, lung_mask]
                   ->  SegmentLungsd [ct -> lungs]  (or the manifest's lung_mask)
                   ->  CropForegroundd to the lungs  [ct, lungs]
+                  ->  [RegisterSpectd: the SPECT's affine registered to the CT]  (register_spect)
                   ->  CheckOverlapd, ResampleToMatchd [spect -> grid of ct]   (world coordinates)
                   ->  EvaluationMaskd [mask = lungs within HU -1000..-300]
                   ->  StandardiseSpectd [spect / 75th percentile in mask, clipped to 1]
@@ -43,6 +44,7 @@ from monai.transforms import (
 
 from ctpm.data.io import Volume, load_image
 from ctpm.data.lungs import LEFT, RIGHT, LungSegmentationConfig, evaluation_mask, segment_lungs, _split_touching
+from ctpm.data.registration import KINDS, RegisterSpectd
 from ctpm.errors import CtpmError, warn
 from ctpm.geometry import Grid, footprint
 
@@ -63,6 +65,8 @@ class PreprocessConfig:
     lung_backend: str = "classical"  # classical | lungmask
     lungmask_weights: str | None = None
     lung: dict = field(default_factory=dict)  # LungSegmentationConfig overrides
+    register_spect: str = "none"  # none | rigid | affine: SPECT-to-CT registration (ctpm.data.registration)
+    registration: dict = field(default_factory=dict)  # RegistrationSettings overrides
 
     @classmethod
     def from_any(cls, cfg: Any) -> "PreprocessConfig":
@@ -95,6 +99,9 @@ class PreprocessConfig:
             "lung_backend": self.lung_backend,
             "lungmask_weights": self.lungmask_weights,
             "lung": dict(sorted(self.lung.items())),
+            # only when on: the caches built without registration keep their hash
+            **({"register_spect": self.register_spect, "registration": dict(sorted(self.registration.items()))}
+               if self.register_spect != "none" else {}),
         }
 
 
@@ -370,6 +377,10 @@ def grid_stage(cfg: PreprocessConfig, *, with_spect: bool) -> Compose:
                  dtype=torch.float32),
         LabelsFromOneHotd("lungs"),
     ]
+    if with_spect and cfg.register_spect not in KINDS:
+        raise CtpmError(f"preprocessing.register_spect must be one of {', '.join(KINDS)}, not {cfg.register_spect!r}")
+    if with_spect and cfg.register_spect != "none":  # the SPECT's affine only; resampled once below
+        t.append(RegisterSpectd(["spect"], kind=cfg.register_spect, settings=cfg.registration))
     if with_spect:
         t += [
             CheckOverlapd(["spect"], ref_key="lungs"),

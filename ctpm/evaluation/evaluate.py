@@ -5,11 +5,16 @@ Every map is compared on the isotropic grid of the CT (1 mm by default), inside 
 percentile in the mask and clipped to 1:
 - voxel-wise Spearman R (Eq. 1), per patient and per lung;
 - Dice of the high (>= 0.66) and low (< 0.66) functional volumes (Eq. 2);
-- mean perfusion of each lobe (LUL, LLL, RUL, RML, RLL) and of each lung.
+- mean perfusion of each lobe (LUL, LLL, RUL, RML, RLL) and of each lung;
+and beyond the paper: Pearson r beside Spearman R, the same over the lung interior (farther than
+one SPECT FWHM from the lungs' border), and the detection of the SPECT's perfusion defects
+(:mod:`ctpm.evaluation.defects`). Beside the predictions, every evaluation scores the baselines
+of :mod:`ctpm.evaluation.baselines` (the geometry prior, the density baseline) and, on synthetic
+patients, the ceilings: the true perfusion, and the true perfusion seen through the SPECT's PSF.
 The CT, SPECT, lungs and lobes of a patient are the evaluation-grid part of its record
 (``ctpm.data.record.PatientRecord``): read from the preprocessing cache (``cache=``), or computed
 by the same preprocessing when it is not there, once, for every prediction set being compared and
-for the density baseline.
+for every baseline.
 """
 
 from __future__ import annotations
@@ -29,6 +34,20 @@ from ctpm.data.preprocess import preprocess_patient
 from ctpm.data.record import EvaluationGrid
 from ctpm.data.transforms import PreprocessConfig
 from ctpm.errors import CtpmError
+from ctpm.evaluation.baselines import (  # noqa: F401
+    DensityBaseline,
+    GeometryPrior,
+    ceiling_maps,
+    density_features,
+)
+from ctpm.evaluation.defects import (
+    DEFAULT_MIN_DEFECT_ML,
+    PatientRegions,
+    defect_metrics,
+    patient_regions,
+)
+from ctpm.evaluation.regions import DEFAULT_SPECT_FWHM_MM, patient_fwhm_mm
+from ctpm.evaluation.stats import pearson_r
 from ctpm.metrics import functional_dice, spearman_r
 
 LOBE_NAMES = {1: "LUL", 2: "LLL", 3: "RUL", 4: "RML", 5: "RLL"}
@@ -45,16 +64,40 @@ def grid_volumes(patient: Patient, cfg: PreprocessConfig | dict | None = None) -
     return preprocess_patient(patient, cfg).evaluation(patient)
 
 
-def map_metrics(gv: GridVolumes, pred: np.ndarray, threshold: float = 0.66) -> dict[str, float]:
-    """The paper's three levels for one predicted map on the evaluation grid."""
+def map_metrics(gv: GridVolumes, pred: np.ndarray, threshold: float = 0.66, *,
+                regions: PatientRegions | None = None, fwhm_mm: float | None = None,
+                min_defect_ml: float = DEFAULT_MIN_DEFECT_ML) -> dict[str, float]:
+    """The paper's three levels for one predicted map on the evaluation grid, Pearson r beside
+    Spearman R, the voxel-wise metrics again over the lung interior, and defect detection.
+
+    ``regions`` (the patient's interior and SPECT defects, :func:`patient_regions`) is computed
+    here when not given, with the patient's SPECT FWHM (``fwhm_mm``, else the manifest's
+    ``spect_fwhm_mm``, else 13.5 mm); pass it to score several maps of one patient at the cost of one.
+    A metric that a region cannot support (an empty interior, no defect) is NaN.
+    """
     m = gv.mask
     if not m.any():
-        raise CtpmError("evaluation mask is empty", patient=gv.patient.patient_id)
+        raise CtpmError("evaluation mask is empty", patient=getattr(gv.patient, "patient_id", None))
+    if regions is None:
+        fwhm = fwhm_mm if fwhm_mm is not None else patient_fwhm_mm(gv.patient, DEFAULT_SPECT_FWHM_MM)
+        regions = patient_regions(gv, fwhm, threshold, min_defect_ml)
     row: dict[str, float] = {
         "spearman_r": float(spearman_r(pred[m], gv.spect[m])),
+        "pearson_r": pearson_r(pred[m], gv.spect[m]),
     }
     hi, lo = functional_dice(pred[m], gv.spect[m], threshold=threshold)
     row["dice_high"], row["dice_low"] = float(hi), float(lo)
+    inner = regions.interior
+    row["n_voxels_interior"] = int(inner.sum())
+    if inner.sum() > 1:
+        row["spearman_r_interior"] = float(spearman_r(pred[inner], gv.spect[inner], undefined="nan"))
+        row["pearson_r_interior"] = pearson_r(pred[inner], gv.spect[inner])
+        hi, lo = functional_dice(pred[inner], gv.spect[inner], threshold=threshold)
+        row["dice_high_interior"], row["dice_low_interior"] = float(hi), float(lo)
+    else:
+        row.update(spearman_r_interior=float("nan"), pearson_r_interior=float("nan"),
+                   dice_high_interior=float("nan"), dice_low_interior=float("nan"))
+    row.update(defect_metrics(pred, m, regions.defects, threshold, interior=inner))
     for value, side in SIDE_NAMES.items():
         sm = m & (gv.lungs == value)
         if sm.sum() > 1:
@@ -68,53 +111,6 @@ def map_metrics(gv: GridVolumes, pred: np.ndarray, threshold: float = 0.66) -> d
                 row[f"mean_pred_{lobe}"] = float(pred[lm].mean())
                 row[f"mean_spect_{lobe}"] = float(gv.spect[lm].mean())
     return row
-
-
-# --------------------------------------------------------------------------------------------------
-# Density baseline: what CT density and vertical position alone predict
-# --------------------------------------------------------------------------------------------------
-
-
-def density_features(gv: GridVolumes) -> np.ndarray:
-    """Per mask voxel: 1, HU, HU^2, dependent position, its square, HU x position (posterior = 1)."""
-    m = gv.mask
-    hu = (gv.ct[m] + 850.0) / 100.0
-    y = np.broadcast_to(np.arange(gv.shape[1], dtype=np.float32)[None, :, None], gv.shape)[m]
-    y_world = gv.affine[1, 1] * y  # RAS: larger y is anterior
-    lung_y = y_world
-    lo, hi = float(lung_y.min()), float(lung_y.max())
-    dep = (hi - lung_y) / max(hi - lo, 1e-6)  # 0 most anterior .. 1 most posterior (dependent)
-    return np.stack([np.ones_like(hu), hu, hu * hu, dep, dep * dep, hu * dep], 1).astype(np.float64)
-
-
-class DensityBaseline:
-    """Least squares of standardised SPECT on density features, accumulated per patient so that a
-    patient can be left out of its own fit exactly (leave-one-out at no extra cost)."""
-
-    def __init__(self, max_voxels: int = 50_000, seed: int = 0):
-        self.stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self.max_voxels, self.rng = max_voxels, np.random.default_rng(seed)
-
-    def add(self, gv: GridVolumes) -> None:
-        X = density_features(gv)
-        y = gv.spect[gv.mask].astype(np.float64)
-        if len(y) > self.max_voxels:
-            idx = self.rng.choice(len(y), self.max_voxels, replace=False)
-            X, y = X[idx], y[idx]
-        self.stats[gv.patient.patient_id] = (X.T @ X, X.T @ y)
-
-    def coefficients(self, leave_out: str | None = None) -> np.ndarray:
-        keys = [k for k in self.stats if k != leave_out]
-        if not keys:
-            raise CtpmError("the density baseline has no patient to be fitted on")
-        A = sum(self.stats[k][0] for k in keys)
-        b = sum(self.stats[k][1] for k in keys)
-        return np.linalg.lstsq(A, b, rcond=None)[0]
-
-    def predict(self, gv: GridVolumes, leave_out: str | None = None) -> np.ndarray:
-        out = np.zeros(gv.shape, np.float32)
-        out[gv.mask] = np.clip(density_features(gv) @ self.coefficients(leave_out), 0, 1)
-        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,18 +165,27 @@ def evaluate(
     progress: bool = True,
     keep_case: str | None = "median",
     min_coverage: float = 0.95,
+    geometry_prior: bool = True,
+    smooth_density: bool = True,
+    default_spect_fwhm_mm: float = DEFAULT_SPECT_FWHM_MM,
+    min_defect_ml: float = DEFAULT_MIN_DEFECT_ML,
+    ceilings: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate one prediction set (and optionally a second to compare, the density baseline and,
-    for synthetic patients, the noise ceiling) on the manifest's patients (of `cohort`, when given)
-    that have predictions. The density baseline is fitted on `density_fit_cohort` of the manifest.
-    A prediction whose grid covers less than `min_coverage` of a patient's lungs is refused.
+    """Evaluate one prediction set (and optionally a second to compare, the baselines and, for
+    synthetic patients, the ceilings) on the manifest's patients (of `cohort`, when given) that
+    have predictions. The baselines (the geometry prior, the density baseline on HU smoothed to
+    the SPECT's resolution unless `smooth_density` is false) are fitted on `density_fit_cohort` of
+    the manifest, leave-one-out on the evaluated patients when it has none. Each patient's SPECT
+    FWHM is the manifest's `spect_fwhm_mm`, else `default_spect_fwhm_mm`. A prediction whose grid
+    covers less than `min_coverage` of a patient's lungs is refused.
 
     The patients' records come from `cache` (a PreprocessCache, or a cache folder with `cfg`);
     patients missing there are preprocessed into it first. Without `cache`, they are computed into
     a temporary one. Either way each patient is preprocessed at most once.
 
     Returns {"rows": {set name: [per-patient rows]}, "missing": [...], "missing_folds": [...],
-    "case": arrays of a representative patient for the figure}.
+    "case": arrays of a representative patient for the figure}; the sets are "model",
+    "baseline", "density", "geometry", "truth_psf" and "truth", those evaluated.
     """
     ids = [p.patient_id for p in manifest if cohort is None or p.cohort == cohort]
     if not ids:
@@ -195,7 +200,7 @@ def evaluate(
             raise CtpmError(f"the baseline predictions lack {len(base_missing)} patient(s) that the predictions have "
                             f"(e.g. {base_missing[0]}); a paired comparison needs both")
     patients = [p for p in manifest if p.patient_id in pred_paths]
-    fit_patients = [p for p in manifest.patients if density_baseline and density_fit_cohort
+    fit_patients = [p for p in manifest.patients if (density_baseline or geometry_prior) and density_fit_cohort
                     and p.cohort == density_fit_cohort and p.patient_id not in pred_paths]
     with tempfile.TemporaryDirectory(prefix="ctpm-evaluate-") as tmp:
         if isinstance(cache, PreprocessCache):
@@ -205,11 +210,20 @@ def evaluate(
         built = store.ensure(patients + fit_patients, with_spect=True, progress=progress,
                              desc="ctpm-evaluate: preprocessing")
         built.raise_if_failed("preprocessed")
-        result = _evaluate_records(store, patients, fit_patients, pred_paths, base_paths,
-                                   density_baseline=density_baseline, threshold=threshold, progress=progress,
-                                   keep_case=keep_case, min_coverage=min_coverage)
-    result.update(missing=missing, missing_folds=missing_folds(splits, missing))
-    if density_baseline:
+        fitted: dict[str, Any] = {}  # the fitted baselines (ctpm.evaluation.baselines)
+        if density_baseline:
+            fitted["density"] = DensityBaseline(smooth=smooth_density, default_fwhm_mm=default_spect_fwhm_mm)
+        if geometry_prior:
+            fitted["geometry"] = GeometryPrior(default_fwhm_mm=default_spect_fwhm_mm)
+        result = _evaluate_records(store, patients, fit_patients, pred_paths, base_paths, fitted=fitted,
+                                   threshold=threshold, progress=progress, keep_case=keep_case,
+                                   min_coverage=min_coverage, default_spect_fwhm_mm=default_spect_fwhm_mm,
+                                   min_defect_ml=min_defect_ml, ceilings=ceilings)
+    result.update(missing=missing, missing_folds=missing_folds(splits, missing),
+                  spect_fwhm={"default_mm": float(default_spect_fwhm_mm),
+                              "from_manifest": sum(getattr(p, "spect_fwhm_mm", None) is not None for p in patients)},
+                  min_defect_ml=float(min_defect_ml), smooth_density=bool(smooth_density))
+    if fitted:
         result["density_fit"] = f"{density_fit_cohort} cohort" if fit_patients else "leave-one-out on the evaluated patients"
     else:
         result["density_fit"] = None
@@ -222,43 +236,63 @@ def _info(p: Patient, gv: GridVolumes) -> dict[str, Any]:
 
 
 def _evaluate_records(store: PreprocessCache, patients: list[Patient], fit_patients: list[Patient],
-                      pred_paths: dict[str, Path], base_paths: dict[str, Path], *, density_baseline: bool,
-                      threshold: float, progress: bool, keep_case: str | None, min_coverage: float) -> dict[str, Any]:
+                      pred_paths: dict[str, Path], base_paths: dict[str, Path], *, fitted: dict[str, Any],
+                      threshold: float, progress: bool, keep_case: str | None, min_coverage: float,
+                      default_spect_fwhm_mm: float, min_defect_ml: float, ceilings: bool) -> dict[str, Any]:
     """The scores of every patient from its record (no preprocessing here)."""
     from tqdm.auto import tqdm
 
-    baseline = DensityBaseline() if density_baseline else None
     fit_separately = bool(fit_patients)
-    for p in tqdm(fit_patients, desc="density baseline fit", unit="patient", disable=not progress or not fit_patients):
-        baseline.add(store.load(p.patient_id).evaluation(p))  # type: ignore[union-attr]
+    for p in tqdm(fit_patients, desc="baseline fit", unit="patient", disable=not progress or not fit_patients or not fitted):
+        gv = store.load(p.patient_id).evaluation(p)
+        for b in fitted.values():
+            b.add(gv)
+
+    def regions_of(p: Patient, gv: GridVolumes) -> tuple[dict[str, Any], PatientRegions, float]:
+        fwhm = patient_fwhm_mm(p, default_spect_fwhm_mm)
+        return {**_info(p, gv), "spect_fwhm_mm": fwhm}, patient_regions(gv, fwhm, threshold, min_defect_ml), fwhm
 
     def score(p: Patient) -> dict[str, Any]:
         gv = store.load(p.patient_id).evaluation(p)
-        info = _info(p, gv)
+        info, regions, fwhm = regions_of(p, gv)
+
+        def metrics(volume: np.ndarray) -> dict[str, Any]:
+            return {**info, **map_metrics(gv, volume, threshold, regions=regions)}
+
         pred = gv.on_grid(pred_paths[p.patient_id], min_coverage=min_coverage)
-        out: dict[str, Any] = {"model": {**info, **map_metrics(gv, pred, threshold), "prediction": str(pred_paths[p.patient_id])}}
+        out: dict[str, Any] = {"model": {**metrics(pred), "prediction": str(pred_paths[p.patient_id])}}
+        # --- ceilings of synthetic patients: the truth, and the truth seen through the SPECT's PSF ---
         if gv.truth is not None:
             out["model"]["ceiling_r"] = float(spearman_r(gv.truth[gv.mask], gv.spect[gv.mask]))
+            if ceilings:
+                for name, volume in ceiling_maps(gv, fwhm).items():
+                    out[name] = metrics(volume)
+                out["model"]["ceiling_psf_r"] = out["truth_psf"]["spearman_r"]
         if base_paths:
-            out["baseline"] = {**info, **map_metrics(gv, gv.on_grid(base_paths[p.patient_id], min_coverage=min_coverage), threshold)}
-        if baseline is not None and not fit_separately:
-            baseline.add(gv)  # leave-one-out fit on the evaluated patients themselves
-        if baseline is not None and fit_separately:
-            out["density"] = {**info, **map_metrics(gv, baseline.predict(gv), threshold)}
+            out["baseline"] = metrics(gv.on_grid(base_paths[p.patient_id], min_coverage=min_coverage))
+        # --- fitted baselines: scored now, or after all patients for a leave-one-out fit ---
+        for name, b in fitted.items():
+            if fit_separately:
+                out[name] = metrics(b.predict(gv))
+            else:
+                b.add(gv)  # leave-one-out fit on the evaluated patients themselves
         out["case"] = _light(gv, pred) if keep_case else None
         return out
 
     scored = run_batch(score, patients, progress=progress, desc="ctpm-evaluate")
     scored.raise_if_failed("evaluated")
     rows: dict[str, list[dict]] = {"model": [v["model"] for v in scored.ok.values()]}
-    if base_paths:
-        rows["baseline"] = [v["baseline"] for v in scored.ok.values()]
-    if baseline is not None:
-        rows["density"] = [v["density"] for v in scored.ok.values()] if fit_separately else []
-    if baseline is not None and not fit_separately:
-        for p in tqdm(patients, desc="density baseline (leave-one-out)", unit="patient", disable=not progress):
+    for name in ("baseline", "truth_psf", "truth", *fitted):
+        found = [v[name] for v in scored.ok.values() if name in v]
+        if found or name in fitted:
+            rows[name] = found
+    if fitted and not fit_separately:
+        for p in tqdm(patients, desc="baselines (leave-one-out)", unit="patient", disable=not progress):
             gv = store.load(p.patient_id).evaluation(p)  # the record again, memory-mapped: no preprocessing
-            rows["density"].append({**_info(p, gv), **map_metrics(gv, baseline.predict(gv, leave_out=p.patient_id), threshold)})
+            info, regions, _ = regions_of(p, gv)
+            for name, b in fitted.items():
+                rows[name].append({**info, **map_metrics(gv, b.predict(gv, leave_out=p.patient_id), threshold,
+                                                         regions=regions)})
     case = None
     if keep_case and rows["model"]:
         order = sorted(rows["model"], key=lambda r: r["spearman_r"])

@@ -11,7 +11,13 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from ctpm.evaluation.stats import LOBES, format_p, lobe_agreement, paired_comparison
+from ctpm.evaluation.stats import (
+    LOBES,
+    format_p,
+    includes_zero,
+    lobe_agreement,
+    paired_comparison,
+)
 
 
 def slice_panel(ct: np.ndarray, spect: np.ndarray, pred: np.ndarray, *, title: str | None = None):
@@ -74,6 +80,75 @@ def r_before_after(df_model, df_baseline, labels=("fine-tuned", "pretrained only
                  f"change {change}, Wilcoxon p = {format_p(cmp['wilcoxon_p'])}", fontsize=9)
     lo, hi = ax.get_ylim()
     ax.set_ylim(lo, hi + 0.12 * (hi - lo))  # room for the means written at the top
+    fig.tight_layout()
+    return fig
+
+
+PAIRED_DOT_METRICS = (("spearman_r", "Spearman R"), ("spearman_r_interior", "interior Spearman R"),
+                      ("dice_low", "DSC low-functional"))
+
+
+def paired_dots(df_model, df_reference, labels=("fine-tuned", "geometry prior"), metrics=PAIRED_DOT_METRICS,
+                bootstrap=None):
+    """Per patient, a set's metric beside a reference's (e.g. the geometry prior), one panel per
+    metric the rows have: the reference's dot left, the model's right, a line joining a patient's
+    two, green where the model is better and red where worse; the title gives the mean paired
+    difference with its bootstrap interval (marked when the interval includes zero)."""
+    label_model, label_ref = labels
+    present = [(c, name) for c, name in metrics if c in df_model.columns and c in df_reference.columns]
+    fig, axes = plt.subplots(1, max(len(present), 1), figsize=(3.3 * max(len(present), 1), 4.2), squeeze=False)
+    for ax, (column, name) in zip(axes[0], present):
+        joined = df_reference[["patient_id", column]].merge(df_model[["patient_id", column]], on="patient_id",
+                                                             suffixes=("_r", "_m")).dropna()
+        ref, mod = joined[f"{column}_r"].to_numpy(float), joined[f"{column}_m"].to_numpy(float)
+        for r, m in zip(ref, mod):
+            ax.plot([0, 1], [r, m], color="tab:green" if m > r else "tab:red", lw=0.8, alpha=0.7, zorder=1)
+        ax.scatter(np.zeros_like(ref), ref, s=14, color="tab:orange", zorder=2)
+        ax.scatter(np.ones_like(mod), mod, s=14, color="tab:blue", zorder=2)
+        cmp = paired_comparison(df_model, df_reference, column, bootstrap)
+        ci = cmp["ci"]
+        if np.isfinite(ci.get("low", np.nan)):
+            delta = (f"Δ {ci['estimate']:+.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
+                     + (" †" if includes_zero(ci) else ""))
+        else:
+            delta = f"Δ {cmp['mean_difference']:+.3f}" if np.isfinite(cmp["mean_difference"]) else "Δ n/a"
+        ax.set_title(f"{name} (n = {cmp['n']})\n{delta}", fontsize=9)
+        ax.set_xticks([0, 1], [label_ref, label_model], fontsize=8)
+        ax.set_xlim(-0.4, 1.4)
+    if not present:
+        axes[0, 0].set_axis_off()
+    fig.suptitle(f"{label_model} vs {label_ref}, per patient (†: 95 % interval includes 0)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def lobe_intervals(frames, regions=LOBES):
+    """The lobe-wise Pearson r across patients of each set (``{label: rows}``) with its 95 %
+    interval by Fisher's z, one row per lobe, the sets side by side (a forest plot)."""
+    names = list(frames)
+    fig, ax = plt.subplots(figsize=(6.2, 1.2 + 0.16 * len(regions) * max(len(names), 2)))
+    colours = plt.get_cmap("tab10")
+    step = 0.8 / max(len(names), 1)
+    for k, name in enumerate(names):
+        agreement = lobe_agreement(frames[name])
+        ys, rs, lows, highs = [], [], [], []
+        for i, region in enumerate(regions):
+            a = agreement[region]
+            if np.isfinite(a["pearson_r"]):
+                y = i - 0.4 + step * (k + 0.5)
+                ys.append(y)
+                rs.append(a["pearson_r"])
+                lo, hi = a["pearson_ci_low"], a["pearson_ci_high"]
+                lows.append(a["pearson_r"] - lo if np.isfinite(lo) else 0.0)
+                highs.append(hi - a["pearson_r"] if np.isfinite(hi) else 0.0)
+        if ys:
+            ax.errorbar(rs, ys, xerr=[lows, highs], fmt="o", ms=4, capsize=2, color=colours(k % 10), label=name)
+    ax.axvline(0, color="0.5", lw=0.8, ls="--")
+    ax.set_yticks(range(len(regions)), regions)
+    ax.invert_yaxis()
+    ax.set_xlim(-1.02, 1.02)
+    ax.set_xlabel("Pearson r of lobe means with the SPECT's, across patients (95 % CI, Fisher z)", fontsize=8)
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
 
