@@ -118,11 +118,19 @@ class LungDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    @staticmethod
+    def _image(record, i: int) -> torch.Tensor:
+        """The network's input: the enhanced CT, then the context channels when preprocessed with them."""
+        ct = torch.from_numpy(np.array(record.ct[i], dtype=np.float32))[None]
+        if record.context is None:
+            return ct
+        return torch.cat([ct, torch.from_numpy(np.array(record.context[i], dtype=np.float32))])  # = network_input()[i]
+
     def __getitem__(self, idx: int) -> dict[str, Any]:
         pid, i, side = self.items[idx]
         e = self.records[pid]
         item = {
-            "ct": torch.from_numpy(np.array(e.ct[i], dtype=np.float32))[None],
+            "ct": self._image(e, i),
             "lung": torch.from_numpy(np.array(e.lung[i], dtype=np.float32))[None],
             "mask": torch.from_numpy(np.array(e.mask[i], dtype=np.float32))[None],
             "patient_id": pid,

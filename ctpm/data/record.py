@@ -205,7 +205,7 @@ class EvaluationGrid:
 # --------------------------------------------------------------------------------------------------
 
 # Arrays of a record as the cache stores them (name -> attribute); the ROI stacks are (sides, D, H, W).
-ROI_ARRAYS = ("ct", "spect", "lung", "mask")
+ROI_ARRAYS = ("ct", "spect", "lung", "mask", "context")
 GRID_ARRAYS = ("grid_ct", "grid_spect", "grid_mask", "grid_lungs", "grid_lobes", "grid_truth")
 
 
@@ -234,6 +234,7 @@ class PatientRecord:
     ct_lungs_array: np.ndarray | None = field(default=None, repr=False)  # in memory; else read from `path`
     ct_mask_array: np.ndarray | None = field(default=None, repr=False)
     spect_percentile: float | None = None
+    context: np.ndarray | None = None  # (sides, C, D, H, W) context channels at roi_size (preprocessing.context_channels)
     dicom: dict[str, Any] = field(default_factory=dict)
     registration: Any = field(default=None, repr=False)  # ctpm.data.registration.Registration (register_spect)
     path: Path | None = None  # the cache entry it was read from
@@ -267,6 +268,14 @@ class PatientRecord:
             raise CtpmError("preprocessed without its SPECT; it cannot be evaluated", patient=self.patient_id)
         return EvaluationGrid(patient, np.asarray(self.grid_affine, np.float64), self.grid_ct, self.grid_spect,
                               np.asarray(self.grid_mask) > 0, np.asarray(self.grid_lungs), self.grid_lobes, self.grid_truth)
+
+    def network_input(self) -> np.ndarray:
+        """(sides, C, D, H, W) float32: the enhanced CT, then the context channels when the
+        preprocessing made them (what the network is given)."""
+        ct = np.asarray(self.ct, np.float32)[:, None]
+        if self.context is None:
+            return np.array(ct)  # a copy: the arrays of a cached record are read-only memmaps
+        return np.concatenate([ct, np.asarray(self.context, np.float32)], axis=1)
 
     def roi_maps(self, stack: np.ndarray) -> dict[str, np.ndarray]:
         """A (sides, D, H, W) stack as {side: map}."""

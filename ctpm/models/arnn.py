@@ -98,7 +98,8 @@ class FinalActivation(nn.Module):
         return repr(self.name)
 
 
-def check_input(x: torch.Tensor, mask: torch.Tensor | None, size_multiple: int, model_name: str) -> None:
+def check_input(x: torch.Tensor, mask: torch.Tensor | None, size_multiple: int, model_name: str,
+                in_channels: int | None = None) -> None:
     """Raise a clear ValueError for inputs the network cannot take.
 
     Args:
@@ -106,9 +107,15 @@ def check_input(x: torch.Tensor, mask: torch.Tensor | None, size_multiple: int, 
         mask: (B, 1, D, H, W) lung mask, or None.
         size_multiple: D, H and W must be divisible by this (2 ** number of downsamplings).
         model_name: named in the message.
+        in_channels: the channels the network was built for (None: not checked).
     """
     if x.ndim != 5:
         raise ValueError(f"{model_name} expects a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
+    if in_channels is not None and x.shape[1] != in_channels:
+        raise ValueError(
+            f"{model_name} was built for {in_channels} input channel(s), the input has {x.shape[1]}; with "
+            f"preprocessing.context_channels set, model.net.in_channels must be 1 + their number"
+        )
     spatial = tuple(x.shape[2:])
     if any(size % size_multiple for size in spatial):
         raise ValueError(
@@ -242,7 +249,7 @@ class ARNN(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        self.depth = depth
+        self.depth, self.in_channels = depth, in_channels
         self.roi_attention = roi_attention
         self.size_multiple = 2 ** (depth - 1)
         channels = [base_channels * channel_multiplier**level for level in range(depth)]
@@ -299,7 +306,7 @@ class ARNN(nn.Module):
             (B, out_channels, D, H, W) perfusion; in [0, 1] with the sigmoid or clamp activation,
             and exactly 0 outside the mask when ``roi_attention`` is on.
         """
-        check_input(x, mask, self.size_multiple, type(self).__name__)
+        check_input(x, mask, self.size_multiple, type(self).__name__, self.in_channels)
         # One mask per level. Max-pooling keeps a coarse voxel if any lung voxel falls in it, so
         # features on the lung border (and thin structures) keep their context.
         masks: list[torch.Tensor] | None = None

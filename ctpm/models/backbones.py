@@ -60,14 +60,14 @@ class MaskedBackbone(nn.Module):
 
     def __init__(self, in_channels: int, final_activation: str, mask_channel: bool, mask_output: bool):
         super().__init__()
-        self.mask_channel, self.mask_output = bool(mask_channel), bool(mask_output)
+        self.mask_channel, self.mask_output, self.in_channels = bool(mask_channel), bool(mask_output), in_channels
         self.net_in_channels = in_channels + int(self.mask_channel)
         self.final_activation = FinalActivation(final_activation)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, in_channels, D, H, W); mask: (B, 1, D, H, W) lung ROI or None (the whole volume).
         Returns (B, out_channels, D, H, W), 0 outside the mask with ``mask_output``."""
-        check_input(x, mask, self.size_multiple, type(self).__name__)
+        check_input(x, mask, self.size_multiple, type(self).__name__, self.in_channels)
         m = torch.ones_like(x[:, :1]) if mask is None else mask.to(x.dtype)
         inp = torch.cat([x, m], dim=1) if self.mask_channel else x
         out = self.net(inp)
