@@ -142,7 +142,7 @@ def test_every_ablation_trains_every_parameter(residual, roi_attention, skip_att
         assert torch.isfinite(parameter.grad).all(), name
 
 
-@pytest.mark.parametrize("norm", ["batch", "instance", "group", "none"])
+@pytest.mark.parametrize("norm", ["batch", "instance", "group", "layer", "none"])
 def test_every_norm_runs_forward_and_backward(norm):
     model = ARNN(norm=norm, depth=3, base_channels=6)  # 6 channels: group norm must find a divisor
     x, mask = make_batch()
@@ -197,7 +197,7 @@ def test_arnn_rejects_bad_inputs_and_arguments():
     with pytest.raises(ValueError, match="B, C, D, H, W"):
         model(x[0])
     with pytest.raises(ValueError, match="norm"):
-        ARNN(norm="layer")
+        ARNN(norm="weight")
     with pytest.raises(ValueError, match="final_activation"):
         ARNN(final_activation="relu")
     with pytest.raises(ValueError, match="depth"):
@@ -288,7 +288,7 @@ def test_unet_masks_the_output_only_when_asked():
     torch.testing.assert_close(masked[mask == 1], unmasked[mask == 1])
 
 
-@pytest.mark.parametrize("norm", ["batch", "instance", "group", "none"])
+@pytest.mark.parametrize("norm", ["batch", "instance", "group", "layer", "none"])
 def test_unet_norms_and_residual_units_run_forward_and_backward(norm):
     model = UNet(norm=norm, num_res_units=1, dropout=0.1, **UNET_SMALL)
     x, mask = make_batch()
@@ -303,7 +303,7 @@ def test_unet_rejects_bad_sizes_and_arguments():
     with pytest.raises(ValueError, match="strides"):
         UNet(channels=(4, 8, 16), strides=(2,))
     with pytest.raises(ValueError, match="norm"):
-        UNet(norm="layer", **UNET_SMALL)
+        UNet(norm="weight", **UNET_SMALL)
 
 
 def test_unet_default_is_a_drop_in_for_arnn_and_runs_under_bfloat16_autocast():
