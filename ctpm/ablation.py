@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ctpm.errors import CtpmError
 from ctpm.pipeline import Study, compose, evaluate, finetune, predict_pretrained, preprocess, pretrain, synthesise
@@ -133,7 +134,8 @@ def variant_row(folder: Path) -> dict[str, Any]:
     for name, entry in (lobes.items() if isinstance(lobes, Mapping) else []):
         if isinstance(entry, Mapping) and "pearson_r" in entry:
             lobe_r[name] = (float(entry["pearson_r"] if entry["pearson_r"] is not None else math.nan),
-                            float(entry.get("pearson_ci_low") or math.nan), float(entry.get("pearson_ci_high") or math.nan))
+                            float(entry.get("pearson_ci_low") or math.nan),
+                            float(entry.get("pearson_ci_high") or math.nan))
     defects = summary.get("defects", {}).get("model", {})
     return {
         "R": _ci(metrics.get("spearman_r", {}).get("ci")),
@@ -183,7 +185,8 @@ def write_table(ab: Ablation) -> Path:
                     cells.append(_fmt(v))
             lines.append(f"| {seed} | {variant} | " + " | ".join(cells) + " |")
             if row["lobe r"]:
-                lobe_lines.append(f"- seed {seed}, {variant}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in row["lobe r"].items()))
+                lobes = ", ".join(f"{k} {_fmt(v)}" for k, v in row["lobe r"].items())
+                lobe_lines.append(f"- seed {seed}, {variant}: {lobes}")
     text = "\n".join(lines) + "\n"
     if lobe_lines:
         text += "\nLobe-mean r (fine-tuned vs SPECT, 95 % interval):\n\n" + "\n".join(lobe_lines) + "\n"

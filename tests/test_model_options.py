@@ -78,7 +78,8 @@ def test_context_channels_of_a_hand_made_thorax_are_as_defined():
         assert np.allclose(posterior[:, j, :], (j - 2) * 3.0 / 100)
     # pleura: distance to the nearest non-lung voxel (box faces: the nearest outside voxel along an axis)
     for (i, j, k) in [(2, 4, 4), (1, 2, 1), (3, 5, 6), (8, 4, 5)]:
-        box = (slice(1, 5), slice(2, 8), slice(1, 9)) if lungs[i, j, k] == 1 else (slice(6, 11), slice(3, 7), slice(2, 9))
+        right = lungs[i, j, k] == 1
+        box = (slice(1, 5), slice(2, 8), slice(1, 9)) if right else (slice(6, 11), slice(3, 7), slice(2, 9))
         steps = [min(v - b.start + 1, b.stop - v) * s for v, b, s in zip((i, j, k), box, spacing)]
         assert pleura[i, j, k] == pytest.approx(min(steps) / 100)
     assert np.all(pleura[lungs == 0] == 0)

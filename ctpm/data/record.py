@@ -234,7 +234,7 @@ class PatientRecord:
     ct_lungs_array: np.ndarray | None = field(default=None, repr=False)  # in memory; else read from `path`
     ct_mask_array: np.ndarray | None = field(default=None, repr=False)
     spect_percentile: float | None = None
-    context: np.ndarray | None = None  # (sides, C, D, H, W) context channels at roi_size (preprocessing.context_channels)
+    context: np.ndarray | None = None  # (sides, C, D, H, W) at roi_size (preprocessing.context_channels)
     dicom: dict[str, Any] = field(default_factory=dict)
     registration: Any = field(default=None, repr=False)  # ctpm.data.registration.Registration (register_spect)
     path: Path | None = None  # the cache entry it was read from

@@ -418,7 +418,8 @@ def context_maps(lungs: np.ndarray, spacing: Sequence[float], names: Sequence[st
 
     unknown = [n for n in names if n not in CONTEXT_CHANNELS]
     if unknown:
-        raise CtpmError(f"unknown context channel(s) {', '.join(map(str, unknown))}; known: {', '.join(CONTEXT_CHANNELS)}")
+        raise CtpmError(f"unknown context channel(s) {', '.join(map(str, unknown))}; "
+                        f"known: {', '.join(CONTEXT_CHANNELS)}")
     lungs = np.asarray(lungs)
     inside = lungs > 0
     if not inside.any():

@@ -161,7 +161,8 @@ class CTPMModule(pl.LightningModule):
         # Plain values only in the checkpoint's hyper-parameters (the optimiser and scheduler are
         # partials of classes): checkpoints must load with torch.load(weights_only=True).
         self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler", "psf"])
-        self.hparams["psf"] = {k: (None if v is None else bool(v) if k == "enabled" else float(v)) for k, v in psf.items()}
+        self.hparams["psf"] = {k: (None if v is None else bool(v) if k == "enabled" else float(v))
+                               for k, v in psf.items()}
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.net = net
         self.loss_kind = loss
@@ -213,7 +214,9 @@ class CTPMModule(pl.LightningModule):
             return pred
         n = pred.shape[0]
         fwhm = batch.get("spect_fwhm_mm")
-        fwhm = torch.full((n,), float("nan"), device=pred.device) if fwhm is None else fwhm.to(pred.device).float().reshape(n)
+        if fwhm is None:
+            fwhm = torch.full((n,), float("nan"), device=pred.device)
+        fwhm = fwhm.to(pred.device).float().reshape(n)
         if self.psf_fwhm_mm is not None:
             fwhm = torch.where(torch.isfinite(fwhm), fwhm, torch.full_like(fwhm, float(self.psf_fwhm_mm)))
         if not torch.all(torch.isfinite(fwhm)):
