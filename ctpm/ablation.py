@@ -155,9 +155,9 @@ def variant_row(folder: Path) -> dict[str, Any]:
     }
 
 
-COLUMNS = ("R", "interior R", "margin R over geometry", "margin interior R over geometry", "mean lobe r", "DSC high", "DSC low",
-           "defect sensitivity", "defect precision", "fine-tuned - pretrained R", "p (Wilcoxon)", "parameters",
-           "train min")
+COLUMNS = ("R", "interior R", "margin R over geometry", "margin interior R over geometry", "mean lobe r",
+           "DSC high", "DSC low", "defect sensitivity", "defect precision", "fine-tuned - pretrained R",
+           "p (Wilcoxon)", "parameters", "train min")
 
 
 def write_table(ab: Ablation) -> Path:
