@@ -142,7 +142,7 @@ def test_every_ablation_trains_every_parameter(residual, roi_attention, skip_att
         assert torch.isfinite(parameter.grad).all(), name
 
 
-@pytest.mark.parametrize("norm", ["batch", "instance", "group", "none"])
+@pytest.mark.parametrize("norm", ["batch", "instance", "group", "layer", "none"])
 def test_every_norm_runs_forward_and_backward(norm):
     model = ARNN(norm=norm, depth=3, base_channels=6)  # 6 channels: group norm must find a divisor
     x, mask = make_batch()
@@ -197,7 +197,7 @@ def test_arnn_rejects_bad_inputs_and_arguments():
     with pytest.raises(ValueError, match="B, C, D, H, W"):
         model(x[0])
     with pytest.raises(ValueError, match="norm"):
-        ARNN(norm="layer")
+        ARNN(norm="weight")
     with pytest.raises(ValueError, match="final_activation"):
         ARNN(final_activation="relu")
     with pytest.raises(ValueError, match="depth"):
@@ -288,7 +288,7 @@ def test_unet_masks_the_output_only_when_asked():
     torch.testing.assert_close(masked[mask == 1], unmasked[mask == 1])
 
 
-@pytest.mark.parametrize("norm", ["batch", "instance", "group", "none"])
+@pytest.mark.parametrize("norm", ["batch", "instance", "group", "layer", "none"])
 def test_unet_norms_and_residual_units_run_forward_and_backward(norm):
     model = UNet(norm=norm, num_res_units=1, dropout=0.1, **UNET_SMALL)
     x, mask = make_batch()
@@ -303,7 +303,7 @@ def test_unet_rejects_bad_sizes_and_arguments():
     with pytest.raises(ValueError, match="strides"):
         UNet(channels=(4, 8, 16), strides=(2,))
     with pytest.raises(ValueError, match="norm"):
-        UNet(norm="layer", **UNET_SMALL)
+        UNet(norm="weight", **UNET_SMALL)
 
 
 def test_unet_default_is_a_drop_in_for_arnn_and_runs_under_bfloat16_autocast():
@@ -314,3 +314,168 @@ def test_unet_default_is_a_drop_in_for_arnn_and_runs_under_bfloat16_autocast():
     assert output.shape == x.shape
     assert torch.isfinite(output).all()
     assert torch.all(output[mask == 0] == 0)
+
+
+# ---- MONAI backbones behind the ARNN's interface ----
+
+from ctpm.models import DynUNet, SegResNet, SwinUNETR  # noqa: E402
+
+BACKBONES = {
+    "dynunet": lambda **kw: DynUNet(base_channels=4, depth=3, **kw),
+    "segresnet": lambda **kw: SegResNet(base_channels=4, depth=3, **kw),
+    "swinunetr": lambda **kw: SwinUNETR(base_channels=12, heads=(1, 1, 1, 1), **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbone_takes_the_mask_as_a_channel_and_masks_its_output(name):
+    net = BACKBONES[name]()
+    x, mask = make_batch((2, 1, 64, 32, 32))  # the demo ROI; SwinUNETR's 5 halvings leave 2 x 1 x 1
+    out = net(x, mask)
+    assert out.shape == x.shape
+    assert torch.all(out[mask == 0] == 0) and torch.all(out[mask == 1] > 0)
+    # the mask is an input: changing it changes the prediction inside the lung, not only its outline
+    other = mask.clone()
+    other[:, :, :32] = 1
+    assert not torch.allclose(net(x, other)[mask == 1], out[mask == 1])
+    # first layer sees image + mask
+    first = next(m for m in net.modules() if isinstance(m, nn.Conv3d))
+    assert first.in_channels == 2
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbone_without_mask_channel_or_output_mask(name):
+    net = BACKBONES[name](mask_channel=False, mask_output=False)
+    x, mask = make_batch((1, 1, 64, 32, 32))
+    out = net(x, mask)
+    torch.testing.assert_close(out, net(x))  # the mask is not used at all
+    assert torch.all(out > 0)
+
+
+@pytest.mark.parametrize("name, multiple", [("dynunet", 4), ("segresnet", 4), ("swinunetr", 32)])
+def test_backbone_rejects_sizes_it_cannot_take(name, multiple):
+    net = BACKBONES[name]()
+    x, mask = make_batch((1, 1, 64, 32, 32 + multiple // 2))
+    with pytest.raises(ValueError, match=f"divisible by {multiple}"):
+        net(x, mask)
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch", "group", "layer", "none"])
+@pytest.mark.parametrize("name", ["arnn", "dynunet", "segresnet"])
+def test_every_norm_of_every_convolutional_backbone_trains(name, norm):
+    if name == "dynunet" and norm == "none":
+        with pytest.raises(ValueError, match="always normalises"):
+            BACKBONES[name](norm=norm)
+        return
+    net = ARNN(depth=3, norm=norm, **SMALL) if name == "arnn" else BACKBONES[name](norm=norm)
+    x, mask = make_batch((2, 1, 16, 16, 16))
+    net(x, mask).sum().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("norm, keeps", [("instance", False), ("group", False), ("layer", False),
+                                         ("batch", True), ("none", True)])
+def test_which_norms_keep_the_global_density_level(norm, keeps):
+    """Per-sample norms (instance, group, layer) map the features of a lung and of the same lung
+    uniformly denser (a constant added) to the same output; batch norm (running statistics at
+    inference) and none keep the difference."""
+    from ctpm.models.arnn import make_norm
+
+    layer = make_norm(norm, 8).eval()
+    f = torch.rand(2, 8, 6, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (layer(f + 0.3) - layer(f)).abs().max().item()
+    assert (diff > 1e-3) == keeps, diff
+
+
+# ---- the training module's loss options ----
+
+from ctpm.lightning.module import gaussian_blur3d, masked_pearson, psf_sigma_voxels  # noqa: E402
+
+
+def test_gaussian_blur_matches_scipy_per_sample_and_axis():
+    import numpy as np
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 1, 12, 10, 8))
+    sigmas = np.array([[1.3, 0.7, 2.0], [0.0, 1.0, 0.4]])
+    got = gaussian_blur3d(torch.from_numpy(x), torch.from_numpy(sigmas)).numpy()
+    for b in range(2):
+        ref = ndi.gaussian_filter(x[b, 0], sigma=sigmas[b], mode="constant", truncate=3.0)
+        np.testing.assert_allclose(got[b, 0], ref, atol=1e-10)
+
+
+def test_psf_sigma_is_the_fwhm_in_roi_voxels_per_axis():
+    sigma = psf_sigma_voxels(torch.tensor([2.3548200450309493 * 6.0]), torch.tensor([[3.0, 1.5, 2.0]]))
+    torch.testing.assert_close(sigma, torch.tensor([[2.0, 4.0, 3.0]]))
+
+
+def test_masked_pearson_matches_scipy():
+    import numpy as np
+    from scipy.stats import pearsonr
+
+    rng = np.random.default_rng(1)
+    a = rng.random((2, 1, 6, 6, 6))
+    b = a + rng.random(a.shape)
+    m = rng.random(a.shape) > 0.3
+    got = masked_pearson(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(m)).numpy()
+    np.testing.assert_allclose(got, [pearsonr(a[i][m[i]], b[i][m[i]])[0] for i in range(2)], rtol=1e-6)
+
+
+def _module(**kw):
+    from functools import partial
+
+    from ctpm.lightning.module import CTPMModule
+
+    return CTPMModule(net=ARNN(depth=2, **SMALL), optimizer=partial(torch.optim.Adam, lr=1e-3), **kw)
+
+
+def test_psf_aware_loss_is_minimised_by_the_truth_not_by_the_blurred_truth():
+    """Hand case: the SPECT is the truth blurred by the patient's PSF (FWHM 8 mm in an ROI of
+    2 x 4 x 3 mm voxels). With the PSF-aware loss the truth scores ~0 and the blurred truth (what
+    a camera-blind loss would ask for) scores worse; without it, the other way round."""
+    g = torch.Generator().manual_seed(0)
+    truth = torch.zeros(1, 1, 24, 16, 16)
+    truth[:, :, 4:20, 3:13, 3:13] = 0.5 + 0.5 * torch.rand(1, 1, 16, 10, 10, generator=g)
+    truth[:, :, 8:12, 5:9, 5:9] = 0.0  # a defect
+    spacing = torch.tensor([[2.0, 4.0, 3.0]])
+    fwhm = torch.tensor([8.0])
+    spect = gaussian_blur3d(truth, psf_sigma_voxels(fwhm, spacing))
+    batch = {"spect": spect, "mask": torch.ones_like(truth), "roi_spacing": spacing, "spect_fwhm_mm": fwhm}
+    aware = _module(psf={"enabled": True})
+    assert aware.objective(truth, batch) < 1e-12
+    assert aware.objective(spect, batch) > 1e-4
+    assert aware.objective(truth, batch) < aware.objective(spect, batch)
+    blind = _module()
+    assert blind.objective(spect, batch) < 1e-12 < blind.objective(truth, batch)
+
+
+def test_psf_fwhm_falls_back_to_the_config_and_is_required():
+    from ctpm.errors import CtpmError
+
+    x = torch.rand(1, 1, 8, 8, 8)
+    batch = {"spect": x, "mask": torch.ones_like(x), "roi_spacing": torch.tensor([[2.0, 2.0, 2.0]]),
+             "spect_fwhm_mm": torch.tensor([float("nan")])}
+    with pytest.raises(CtpmError, match="fwhm_mm"):
+        _module(psf={"enabled": True}).objective(x, batch)
+    assert _module(psf={"enabled": True, "fwhm_mm": 6.0}).objective(x, batch) > 0
+    with pytest.raises(CtpmError, match="unknown model.psf"):
+        _module(psf={"fwhm": 6.0})
+
+
+def test_correlation_and_mean_terms_add_what_they_say():
+    g = torch.Generator().manual_seed(2)
+    t = torch.rand(2, 1, 8, 8, 8, generator=g)
+    p = torch.rand(2, 1, 8, 8, 8, generator=g)
+    mask = torch.ones_like(t)
+    batch = {"spect": t, "mask": mask}
+    base = _module().objective(p, batch)
+    r = masked_pearson(p, t, mask)
+    corr = _module(correlation_weight=0.5).objective(p, batch)
+    torch.testing.assert_close(corr, base + 0.5 * (1 - r).mean())
+    mean = _module(mean_weight=2.0).objective(p, batch)
+    d = p.flatten(1).mean(1) - t.flatten(1).mean(1)
+    torch.testing.assert_close(mean, base + 2.0 * d.square().mean())
+    # a prediction off by a constant: perfect correlation, only the mean term sees it
+    assert _module(correlation_weight=1.0).objective(t + 0.2, batch) - _module().objective(t + 0.2, batch) < 1e-6

@@ -103,32 +103,65 @@ class LungDataset(Dataset):
     """One item per lung of each patient, read from the patients' records (memory-mapped cache entries).
 
     Item: ct, lung (ROI attention mask), mask (evaluation mask: loss and metrics), spect (target,
-    when present), each (1, D, H, W) float32; patient_id and side to put predictions back.
+    when present), each (1, D, H, W) float32; patient_id and side to put predictions back;
+    roi_spacing (3,) the ROI's voxel size in mm per axis (for the PSF-aware loss) and spect_fwhm_mm
+    the patient's SPECT resolution from ``fwhm`` (NaN where unknown).
     """
 
-    def __init__(self, cache: PreprocessCache, patient_ids: list[str], *, with_spect: bool = True, augment=None):
+    def __init__(self, cache: PreprocessCache, patient_ids: list[str], *, with_spect: bool = True, augment=None,
+                 fwhm: dict[str, float] | None = None):
         self.cache, self.with_spect, self.augment = cache, with_spect, augment
         self.records = {pid: cache.load(pid) for pid in patient_ids}
         self.items = [(pid, i, side) for pid, r in self.records.items() for i, side in enumerate(r.sides)]
+        self.fwhm = dict(fwhm or {})
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @staticmethod
+    def _image(record, i: int) -> torch.Tensor:
+        """The network's input: the enhanced CT, then the context channels when preprocessed with them."""
+        ct = torch.from_numpy(np.array(record.ct[i], dtype=np.float32))[None]
+        if record.context is None:
+            return ct
+        return torch.cat([ct, torch.from_numpy(np.array(record.context[i], dtype=np.float32))])  # = network_input()[i]
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         pid, i, side = self.items[idx]
         e = self.records[pid]
         item = {
-            "ct": torch.from_numpy(np.array(e.ct[i], dtype=np.float32))[None],
+            "ct": self._image(e, i),
             "lung": torch.from_numpy(np.array(e.lung[i], dtype=np.float32))[None],
             "mask": torch.from_numpy(np.array(e.mask[i], dtype=np.float32))[None],
             "patient_id": pid,
             "side": side,
+            "roi_spacing": torch.tensor(e.inverse[side].roi_spacing(e.grid.spacing), dtype=torch.float32),
+            "spect_fwhm_mm": torch.tensor(float(self.fwhm.get(pid, float("nan"))), dtype=torch.float32),
         }
         if self.with_spect and e.spect is not None:
             item["spect"] = torch.from_numpy(np.array(e.spect[i], dtype=np.float32))[None]
         if self.augment is not None:
             item = self.augment(item)
         return item
+
+
+def manifest_column(path: str | Path, column: str) -> dict[str, float]:
+    """{patient_id: value} of an optional numeric manifest column (e.g. ``spect_fwhm_mm``, which
+    synthetic cohorts record); empty when the manifest has no such column, blanks left out."""
+    import csv
+
+    from ctpm.data.manifest import _delimiter
+
+    text = Path(path).read_text(encoding="utf-8-sig")
+    out: dict[str, float] = {}
+    for row in csv.DictReader(text.splitlines(), delimiter=_delimiter(text)):
+        value = (row.get(column) or "").strip()
+        if value and row.get("patient_id"):
+            try:
+                out[row["patient_id"].strip()] = float(value)
+            except ValueError:
+                raise CtpmError(f"{column} is not a number: {value!r}", patient=row["patient_id"], path=path) from None
+    return out
 
 
 def build_augmentation(cfg: dict | None):
@@ -279,9 +312,10 @@ class CohortDataModule(pl.LightningDataModule):
             return
         self.split = self.make_split()
         aug = build_augmentation(self.augmentation)
-        self.train_set = LungDataset(self.cache, self.split["train"], augment=aug)
-        self.val_set = LungDataset(self.cache, self.split["val"]) if self.split["val"] else None
-        self.test_set = LungDataset(self.cache, self.split["test"]) if self.split["test"] else None
+        fwhm = manifest_column(self.manifest_path, "spect_fwhm_mm")
+        self.train_set = LungDataset(self.cache, self.split["train"], augment=aug, fwhm=fwhm)
+        self.val_set = LungDataset(self.cache, self.split["val"], fwhm=fwhm) if self.split["val"] else None
+        self.test_set = LungDataset(self.cache, self.split["test"], fwhm=fwhm) if self.split["test"] else None
 
     def _loader(self, ds, shuffle: bool) -> DataLoader:
         """Training: the seeded shuffle (Lightning wraps it in its distributed sampler under DDP).

@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from monai.data import MetaTensor
 
 from ctpm.data.lungs import evaluation_mask
 from ctpm.data.manifest import Patient
 from ctpm.data.record import LungInverse, PatientRecord
-from ctpm.data.transforms import PreprocessConfig, SplitLungsd, grid_stage, lung_stage
+from ctpm.data.transforms import PreprocessConfig, SplitLungsd, _like, context_maps, grid_stage, lung_stage
 from ctpm.errors import CtpmError
 from ctpm.geometry import Grid, resample, resample_labels
 
@@ -43,6 +44,11 @@ def preprocess_patient(patient: Patient | dict, cfg: PreprocessConfig | dict | N
     ct_grid_img = d["ct"]
     ct_grid = _original_grid(ct_grid_img)
     keys = ["ct", "mask"] + (["spect"] if with_spect else [])
+    if cfg.context_channels:  # on the evaluation grid, before the per-lung crop
+        lungs = d["lungs"]
+        ctx = context_maps(np.rint(lungs[0].numpy()), Grid.of(ct_grid_img).spacing, list(cfg.context_channels))
+        d["ctx"] = _like(lungs, torch.from_numpy(ctx))
+        keys.append("ctx")
     d = SplitLungsd(keys)(d)
     sides = list(d["sides"])
     if not sides:
@@ -79,6 +85,7 @@ def preprocess_patient(patient: Patient | dict, cfg: PreprocessConfig | dict | N
         ct_mask_array=resample_labels(evaluation_mask(native_ct, native_labels, cfg.eval_hu_range).astype(np.uint8),
                                       native, ct_grid) > 0,
         spect_percentile=d.get("percentile_spect"),
+        context=np.stack([d[f"ctx_{s}"].numpy() for s in sides]).astype(np.float32) if cfg.context_channels else None,
         dicom=d.get("dicom_ct", {}),
         registration=d.get("registration"),
     )

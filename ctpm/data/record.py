@@ -84,6 +84,12 @@ class LungInverse:
     def box_shape(self) -> tuple[int, int, int]:
         return tuple(int(b - a) for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
 
+    def roi_spacing(self, grid_spacing: Sequence[float]) -> tuple[float, float, float]:
+        """The ROI's voxel size in mm along its own axes, given the evaluation grid's spacing: the
+        resize to roi_size stretches every axis by its own factor (box / roi_size)."""
+        return tuple(float(grid_spacing[g]) * self.box_shape[g] / self.roi_size[a]  # type: ignore[return-value]
+                     for a, g in enumerate(self.transpose))
+
     def to_json(self) -> dict:
         return {"start": list(self.start), "stop": list(self.stop), "grid_shape": list(self.grid_shape),
                 "transpose": list(self.transpose), "roi_size": list(self.roi_size), "flip": list(self.flip),
@@ -218,7 +224,7 @@ class EvaluationGrid:
 # --------------------------------------------------------------------------------------------------
 
 # Arrays of a record as the cache stores them (name -> attribute); the ROI stacks are (sides, D, H, W).
-ROI_ARRAYS = ("ct", "spect", "lung", "mask")
+ROI_ARRAYS = ("ct", "spect", "lung", "mask", "context")
 GRID_ARRAYS = ("grid_ct", "grid_spect", "grid_mask", "grid_lungs", "grid_lobes", "grid_truth")
 
 
@@ -247,6 +253,7 @@ class PatientRecord:
     ct_lungs_array: np.ndarray | None = field(default=None, repr=False)  # in memory; else read from `path`
     ct_mask_array: np.ndarray | None = field(default=None, repr=False)
     spect_percentile: float | None = None
+    context: np.ndarray | None = None  # (sides, C, D, H, W) at roi_size (preprocessing.context_channels)
     dicom: dict[str, Any] = field(default_factory=dict)
     registration: Any = field(default=None, repr=False)  # ctpm.data.registration.Registration (register_spect)
     path: Path | None = None  # the cache entry it was read from
@@ -280,6 +287,14 @@ class PatientRecord:
             raise CtpmError("preprocessed without its SPECT; it cannot be evaluated", patient=self.patient_id)
         return EvaluationGrid(patient, np.asarray(self.grid_affine, np.float64), self.grid_ct, self.grid_spect,
                               np.asarray(self.grid_mask) > 0, np.asarray(self.grid_lungs), self.grid_lobes, self.grid_truth)
+
+    def network_input(self) -> np.ndarray:
+        """(sides, C, D, H, W) float32: the enhanced CT, then the context channels when the
+        preprocessing made them (what the network is given)."""
+        ct = np.asarray(self.ct, np.float32)[:, None]
+        if self.context is None:
+            return np.array(ct)  # a copy: the arrays of a cached record are read-only memmaps
+        return np.concatenate([ct, np.asarray(self.context, np.float32)], axis=1)
 
     def roi_maps(self, stack: np.ndarray) -> dict[str, np.ndarray]:
         """A (sides, D, H, W) stack as {side: map}."""

@@ -67,6 +67,7 @@ class PreprocessConfig:
     lung: dict = field(default_factory=dict)  # LungSegmentationConfig overrides
     register_spect: str = "none"  # none | rigid | affine: SPECT-to-CT registration (ctpm.data.registration)
     registration: dict = field(default_factory=dict)  # RegistrationSettings overrides
+    context_channels: Sequence[str] = ()  # extra ROI channels of CONTEXT_CHANNELS (see context_maps)
 
     @classmethod
     def from_any(cls, cfg: Any) -> "PreprocessConfig":
@@ -102,6 +103,8 @@ class PreprocessConfig:
             # only when on: the caches built without registration keep their hash
             **({"register_spect": self.register_spect, "registration": dict(sorted(self.registration.items()))}
                if self.register_spect != "none" else {}),
+            # only when asked for: the caches built without context channels keep their hash
+            **({"context_channels": [str(c) for c in self.context_channels]} if self.context_channels else {}),
         }
 
 
@@ -392,12 +395,62 @@ def grid_stage(cfg: PreprocessConfig, *, with_spect: bool) -> Compose:
     return Compose(t)
 
 
+CONTEXT_CHANNELS = ("height", "posterior", "pleura", "side")
+
+
+def context_maps(lungs: np.ndarray, spacing: Sequence[float], names: Sequence[str]) -> np.ndarray:
+    """Context channels of the whole thorax on the evaluation grid (RAS axes: i to the right,
+    j anterior, k superior), computed before the per-lung crop, so that every lung's ROI carries
+    where it lies in the patient (the crop and resize to roi_size hide that).
+
+    - ``height``: (k - k_min) / (k_max - k_min) over both lungs: 0 at the lowest lung voxel, 1 at
+      the apex;
+    - ``posterior``: (j - j_min) * spacing_j / 100: the distance in decimetres from the most
+      posterior lung voxel (the gravity-dependent height of a supine patient);
+    - ``pleura``: the Euclidean distance in decimetres from a lung voxel to the nearest voxel
+      outside the lungs (scipy's distance transform with the grid's spacing); 0 outside;
+    - ``side``: 1 in the left lung, 0 elsewhere.
+
+    Args: lungs (X, Y, Z) labels (1 right, 2 left); spacing (3,) mm; names of CONTEXT_CHANNELS.
+    Returns (len(names), X, Y, Z) float32.
+    """
+    from scipy import ndimage as ndi
+
+    unknown = [n for n in names if n not in CONTEXT_CHANNELS]
+    if unknown:
+        raise CtpmError(f"unknown context channel(s) {', '.join(map(str, unknown))}; "
+                        f"known: {', '.join(CONTEXT_CHANNELS)}")
+    lungs = np.asarray(lungs)
+    inside = lungs > 0
+    if not inside.any():
+        raise CtpmError("no lung voxel to compute the context channels from")
+    idx = [np.nonzero(inside.any(axis=tuple(b for b in range(3) if b != a)))[0] for a in range(3)]
+    shape = lungs.shape
+    out = []
+    for name in names:
+        if name == "height":
+            k = np.arange(shape[2], dtype=np.float64)
+            lo, hi = idx[2][0], idx[2][-1]
+            arr = np.broadcast_to((k - lo) / max(hi - lo, 1), shape)
+        elif name == "posterior":
+            j = np.arange(shape[1], dtype=np.float64)
+            arr = np.broadcast_to(((j - idx[1][0]) * float(spacing[1]) / 100.0)[:, None], shape)
+        elif name == "pleura":
+            arr = ndi.distance_transform_edt(inside, sampling=[float(v) for v in spacing]) / 100.0
+        else:  # side
+            arr = (lungs == LEFT).astype(np.float64)
+        out.append(np.asarray(arr, np.float32))
+    return np.stack(out)
+
+
 def lung_stage(cfg: PreprocessConfig, side: str, keys: Sequence[str]) -> Compose:
     """One lung: crop to its box, (z, y, x) order, resize to roi_size, mirror the left lung."""
     ks = [f"{k}_{side}" for k in keys] + [f"lung_{side}"]
     # CT: trilinear with anti-aliasing (its record is what the inverse replays, so it must be a
     # smooth interpolator); SPECT: area averaging, the natural downsampling of counts; masks: nearest.
-    modes = ["trilinear" if k.startswith("ct_") else "area" if k.startswith("spect_") else "nearest" for k in ks]
+    # Context channels (ctx_): smooth maps, trilinear.
+    modes = ["trilinear" if k.startswith(("ct_", "ctx_")) else "area" if k.startswith("spect_") else "nearest"
+             for k in ks]
     t: list = [
         CropForegroundd(keys=ks, source_key=f"lung_{side}", margin=0, allow_missing_keys=True),
         # channel, x, y, z -> channel, z, y, x: the network sees (superior-inferior, A-P, L-R)

@@ -8,6 +8,7 @@ computed later at 1 mm by ``ctpm-evaluate``.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +32,59 @@ def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, ki
     per_voxel = LOSSES[kind](pred, target)
     m = mask.to(per_voxel.dtype)
     return (per_voxel * m).sum() / m.sum().clamp_min(1.0)
+
+
+FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))  # a Gaussian's sigma per unit of FWHM
+
+
+def gaussian_blur3d(x: torch.Tensor, sigma_voxels: torch.Tensor) -> torch.Tensor:
+    """Blur each sample of x (B, C, D, H, W) with its own anisotropic Gaussian, separably, zero
+    outside the volume (the camera sees no counts from beyond the ROI's lung).
+
+    sigma_voxels: (B, 3) standard deviations in voxels along D, H, W; a 0 leaves that axis as is.
+    Kernels are truncated at 3 sigma and normalised to sum 1 (a sampled Gaussian, as
+    scipy.ndimage.gaussian_filter with mode="constant"). Differentiable in x.
+    """
+    out = []
+    for b in range(x.shape[0]):
+        y = x[b : b + 1]
+        for axis in range(3):
+            s = float(sigma_voxels[b, axis])
+            if s <= 0:
+                continue
+            radius = max(1, int(3.0 * s + 0.5))  # scipy.ndimage.gaussian_filter's truncate=3
+            t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+            k = torch.exp(-0.5 * (t / s) ** 2)
+            k = k / k.sum()
+            shape = [1, 1, 1, 1, 1]
+            shape[2 + axis] = k.numel()
+            padding = [0, 0, 0]
+            padding[axis] = radius
+            c = y.shape[1]
+            y = F.conv3d(y, k.view(shape).expand(c, 1, *shape[2:]).contiguous(), padding=tuple(padding), groups=c)
+        out.append(y)
+    return torch.cat(out, dim=0)
+
+
+def psf_sigma_voxels(fwhm_mm: torch.Tensor, roi_spacing: torch.Tensor) -> torch.Tensor:
+    """(B,) FWHM in mm and (B, 3) ROI voxel sizes in mm -> (B, 3) Gaussian sigmas in ROI voxels."""
+    return fwhm_mm.reshape(-1, 1) * FWHM_TO_SIGMA / roi_spacing
+
+
+def masked_pearson(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(B,) Pearson correlation of pred and target over each sample's masked voxels (differentiable)."""
+    m = mask.to(pred.dtype).flatten(1)
+    p, t = pred.flatten(1), target.flatten(1)
+    n = m.sum(1).clamp_min(1.0)
+    pc = (p - (p * m).sum(1, keepdim=True) / n[:, None]) * m
+    tc = (t - (t * m).sum(1, keepdim=True) / n[:, None]) * m
+    return (pc * tc).sum(1) / ((pc.square().sum(1) * tc.square().sum(1)).sqrt() + eps)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) mean of x over each sample's masked voxels."""
+    m = mask.to(x.dtype).flatten(1)
+    return (x.flatten(1) * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 def load_state_dict_safely(path: str | Path) -> dict[str, Any]:
@@ -62,6 +116,18 @@ class CTPMModule(pl.LightningModule):
     freeze_encoder: keep the pretrained encoder fixed (fine-tune the decoder only).
     net_config / preprocessing: JSON of the network's and the preprocessing's configs, stored in every
     checkpoint, so that ``ctpm-predict`` can rebuild both from the checkpoint file alone.
+
+    Loss options (all off by default, which is the paper's masked voxel loss):
+
+    psf: the PSF-aware loss. The network predicts perfusion *before* the camera; the voxel loss
+    (and the terms below) compare the prediction blurred by the patient's SPECT point spread
+    function with the SPECT. The PSF is a Gaussian of FWHM ``batch["spect_fwhm_mm"]`` (the
+    manifest's ``spect_fwhm_mm``; where unknown, ``psf.fwhm_mm``), converted to ROI voxels with
+    ``batch["roi_spacing"]`` (the ROI's voxel size differs per axis because of the resize).
+    Metrics and predictions stay the unblurred map. ``{enabled: bool, fwhm_mm: float | null}``.
+    correlation_weight: adds ``w * (1 - Pearson r)`` over each lung's masked voxels.
+    mean_weight: adds ``w * (mean(pred) - mean(target))**2`` over each lung's mask (the lung's
+    density level, which a per-lung standardisation would otherwise leave unconstrained).
     """
 
     def __init__(
@@ -77,13 +143,26 @@ class CTPMModule(pl.LightningModule):
         net_config: str | None = None,
         preprocessing: str | None = None,
         log_images: bool = True,
+        psf: dict[str, Any] | None = None,
+        correlation_weight: float = 0.0,
+        mean_weight: float = 0.0,
     ):
         super().__init__()
         if loss not in LOSSES:
             raise CtpmError(f"model.loss must be one of {', '.join(LOSSES)}, not {loss!r}")
+        psf = {str(k): v for k, v in dict(psf or {}).items()}  # a DictConfig from Hydra -> plain values
+        unknown = sorted(set(psf) - {"enabled", "fwhm_mm"})
+        if unknown:
+            raise CtpmError(f"unknown model.psf option(s): {', '.join(unknown)} (enabled, fwhm_mm)")
+        self.psf_enabled, self.psf_fwhm_mm = bool(psf.get("enabled", False)), psf.get("fwhm_mm")
+        if correlation_weight < 0 or mean_weight < 0:
+            raise CtpmError("model.correlation_weight and model.mean_weight must be >= 0")
+        self.correlation_weight, self.mean_weight = float(correlation_weight), float(mean_weight)
         # Plain values only in the checkpoint's hyper-parameters (the optimiser and scheduler are
         # partials of classes): checkpoints must load with torch.load(weights_only=True).
-        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
+        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler", "psf"])
+        self.hparams["psf"] = {k: (None if v is None else bool(v) if k == "enabled" else float(v))
+                               for k, v in psf.items()}
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.net = net
         self.loss_kind = loss
@@ -129,10 +208,38 @@ class CTPMModule(pl.LightningModule):
     def forward(self, ct: torch.Tensor, lung: torch.Tensor) -> torch.Tensor:
         return self.net(ct, lung)
 
+    def camera(self, pred: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """The prediction as the SPECT camera would see it (the PSF-aware loss), or as is."""
+        if not self.psf_enabled:
+            return pred
+        n = pred.shape[0]
+        fwhm = batch.get("spect_fwhm_mm")
+        if fwhm is None:
+            fwhm = torch.full((n,), float("nan"), device=pred.device)
+        fwhm = fwhm.to(pred.device).float().reshape(n)
+        if self.psf_fwhm_mm is not None:
+            fwhm = torch.where(torch.isfinite(fwhm), fwhm, torch.full_like(fwhm, float(self.psf_fwhm_mm)))
+        if not torch.all(torch.isfinite(fwhm)):
+            raise CtpmError("model.psf: the SPECT's FWHM is unknown for some patients (no spect_fwhm_mm in the "
+                            "manifest); set model.psf.fwhm_mm to the camera's resolution")
+        if "roi_spacing" not in batch:
+            raise CtpmError("model.psf needs the ROI voxel size (batch['roi_spacing']) from the dataset")
+        return gaussian_blur3d(pred, psf_sigma_voxels(fwhm, batch["roi_spacing"].to(pred.device).float()))
+
+    def objective(self, pred: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """The configured loss of a prediction (B, 1, D, H, W) against batch["spect"] in batch["mask"]."""
+        seen = self.camera(pred.float(), batch)
+        target, mask = batch["spect"].float(), batch["mask"]
+        loss = masked_loss(seen, target, mask, self.loss_kind)
+        if self.correlation_weight:
+            loss = loss + self.correlation_weight * (1.0 - masked_pearson(seen, target, mask)).mean()
+        if self.mean_weight:
+            loss = loss + self.mean_weight * (masked_mean(seen, mask) - masked_mean(target, mask)).square().mean()
+        return loss
+
     def _step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         pred = self(batch["ct"], batch["lung"])
-        loss = masked_loss(pred.float(), batch["spect"], batch["mask"], self.loss_kind)
-        return pred, loss
+        return pred, self.objective(pred, batch)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         _, loss = self._step(batch)

@@ -2,6 +2,8 @@
 
 - ``ARNN``: the 3-D attention residual network of the CTPM method (paper Fig. 1B).
 - ``UNet``: a plain 3-D U-Net baseline (MONAI) with the same ``forward(x, mask)`` interface.
+- ``DynUNet``, ``SegResNet``, ``SwinUNETR``: MONAI backbones behind the same interface (the lung
+  mask an input channel and the output masked; ``ctpm.models.backbones``).
 
 Both are built by Hydra from ``conf/model/*.yaml`` (``_target_: ctpm.models.ARNN``).
 """
@@ -11,9 +13,11 @@ from __future__ import annotations
 from torch import nn
 
 from ctpm.models.arnn import ARNN, AttentionGate, FinalActivation, ResidualBlock
+from ctpm.models.backbones import DynUNet, MaskedBackbone, SegResNet, SwinUNETR
 from ctpm.models.unet import UNet
 
-__all__ = ["ARNN", "AttentionGate", "FinalActivation", "ResidualBlock", "UNet", "count_parameters"]
+__all__ = ["ARNN", "AttentionGate", "DynUNet", "FinalActivation", "MaskedBackbone", "ResidualBlock", "SegResNet",
+           "SwinUNETR", "UNet", "count_parameters"]
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:

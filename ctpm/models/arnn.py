@@ -47,16 +47,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NORMS = ("batch", "instance", "group", "none")
+NORMS = ("batch", "instance", "group", "layer", "none")
 FINAL_ACTIVATIONS = ("sigmoid", "clamp", "none")
 
 
 def make_norm(norm: str, channels: int) -> nn.Module:
-    """A 3-D normalisation layer by name: "batch", "instance", "group" or "none".
+    """A 3-D normalisation layer by name: "batch", "instance", "group", "layer" or "none".
 
     Instance norm is the default because the network trains with batches of 2 lungs, where batch
     statistics are noisy. Group norm uses up to 8 groups (the largest divisor of ``channels`` that
-    is at most 8), so it works for any channel count.
+    is at most 8), so it works for any channel count; layer norm is group norm with one group.
+    Instance, group and layer norm standardise each lung by its own statistics and so remove its
+    global density level from the features; batch norm and none keep it.
     """
     if norm == "batch":
         return nn.BatchNorm3d(channels)
@@ -64,6 +66,8 @@ def make_norm(norm: str, channels: int) -> nn.Module:
         return nn.InstanceNorm3d(channels, affine=True)
     if norm == "group":
         return nn.GroupNorm(math.gcd(8, channels), channels)
+    if norm == "layer":
+        return nn.GroupNorm(1, channels)
     if norm == "none":
         return nn.Identity()
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -94,7 +98,8 @@ class FinalActivation(nn.Module):
         return repr(self.name)
 
 
-def check_input(x: torch.Tensor, mask: torch.Tensor | None, size_multiple: int, model_name: str) -> None:
+def check_input(x: torch.Tensor, mask: torch.Tensor | None, size_multiple: int, model_name: str,
+                in_channels: int | None = None) -> None:
     """Raise a clear ValueError for inputs the network cannot take.
 
     Args:
@@ -102,9 +107,15 @@ def check_input(x: torch.Tensor, mask: torch.Tensor | None, size_multiple: int, 
         mask: (B, 1, D, H, W) lung mask, or None.
         size_multiple: D, H and W must be divisible by this (2 ** number of downsamplings).
         model_name: named in the message.
+        in_channels: the channels the network was built for (None: not checked).
     """
     if x.ndim != 5:
         raise ValueError(f"{model_name} expects a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
+    if in_channels is not None and x.shape[1] != in_channels:
+        raise ValueError(
+            f"{model_name} was built for {in_channels} input channel(s), the input has {x.shape[1]}; with "
+            f"preprocessing.context_channels set, model.net.in_channels must be 1 + their number"
+        )
     spatial = tuple(x.shape[2:])
     if any(size % size_multiple for size in spatial):
         raise ValueError(
@@ -205,7 +216,7 @@ class ARNN(nn.Module):
         channel_multiplier: channels grow by this factor per level
             (level ``i`` has ``base_channels * channel_multiplier ** i``).
         blocks_per_level: residual blocks per level in the encoder and in the decoder.
-        norm: "instance", "batch", "group" or "none".
+        norm: "instance", "batch", "group", "layer" or "none" (see ``make_norm``).
         residual: residual blocks (True) or plain double convolutions (False).
         roi_attention: gate the encoder features and the output with the lung mask (True), or
             ignore the mask entirely (False).
@@ -238,7 +249,7 @@ class ARNN(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        self.depth = depth
+        self.depth, self.in_channels = depth, in_channels
         self.roi_attention = roi_attention
         self.size_multiple = 2 ** (depth - 1)
         channels = [base_channels * channel_multiplier**level for level in range(depth)]
@@ -295,7 +306,7 @@ class ARNN(nn.Module):
             (B, out_channels, D, H, W) perfusion; in [0, 1] with the sigmoid or clamp activation,
             and exactly 0 outside the mask when ``roi_attention`` is on.
         """
-        check_input(x, mask, self.size_multiple, type(self).__name__)
+        check_input(x, mask, self.size_multiple, type(self).__name__, self.in_channels)
         # One mask per level. Max-pooling keeps a coarse voxel if any lung voxel falls in it, so
         # features on the lung border (and thin structures) keep their context.
         masks: list[torch.Tensor] | None = None

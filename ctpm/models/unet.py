@@ -29,7 +29,7 @@ class UNet(nn.Module):
         strides: downsampling factor between consecutive levels (``len(channels) - 1`` values);
             D, H and W must be divisible by their product.
         num_res_units: residual units per MONAI block (0: plain convolutions).
-        norm: "instance", "batch", "group" or "none".
+        norm: "instance", "batch", "group", "layer" or "none".
         dropout: dropout probability inside every block.
         final_activation: "sigmoid", "clamp" or "none" (see ``FinalActivation``).
         mask_output: multiply the output by the lung mask when one is given.
@@ -59,6 +59,7 @@ class UNet(nn.Module):
             "instance": "instance",
             "batch": "batch",
             "group": ("group", {"num_groups": math.gcd(8, *normalised)}),
+            "layer": ("group", {"num_groups": 1}),
             "none": None,
         }
         if norm not in monai_norms:

@@ -1,0 +1,208 @@
+"""The model ablation: the paper's per-lung ARNN against each model option and their combination,
+every variant the whole study of :mod:`ctpm.pipeline` (pretrain, K fine-tuned folds, the
+pretrained-only predictions, ctpm-evaluate) on the same synthetic cohorts, over seeds.
+
+    python -m ctpm.cli.ablation out=outputs/ablation            # conf/ablation.yaml
+    python -m ctpm.cli.ablation 'variants=[paper,psf]' 'seeds=[0,1]'
+
+Layout: ``out/seed<s>/data`` (the cohorts of that seed, synthesised once), ``out/seed<s>/cache``
+(one preprocessing cache shared by every variant of the seed: entries are keyed by the
+preprocessing's hash, so variants that preprocess alike share them) and ``out/seed<s>/<variant>``
+(the variant's study folder: runs, summary.json, report.md). A variant is a list of ctpm-train
+overrides (``conf/ablation.yaml``); finished stages are kept, so an interrupted ablation resumes.
+``out/ablation.md`` gets the table (the README's ablation table is this file's).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctpm.errors import CtpmError
+from ctpm.pipeline import Study, compose, evaluate, finetune, predict_pretrained, preprocess, pretrain, synthesise
+
+
+@dataclass
+class SharedCacheStudy(Study):
+    """A study whose preprocessing cache lives outside its folder (shared by the variants)."""
+
+    cache_dir: str | Path | None = None
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.out) / "cache"
+
+
+@dataclass
+class Ablation:
+    out: str | Path
+    variants: Mapping[str, Sequence[str]]
+    seeds: Sequence[int] = (0,)
+    scale: str = "demo"
+    folds: int = 3
+    workers: int = 1
+    train_overrides: Sequence[str] = ()
+    synth: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+
+    def study(self, seed: int, variant: str) -> SharedCacheStudy:
+        root = Path(self.out) / f"seed{seed}"
+        return SharedCacheStudy(root / variant, scale=self.scale, folds=self.folds, workers=self.workers,
+                                train_overrides=[*self.train_overrides, f"seed={seed}", *self.variants[variant]],
+                                manifest=root / "data" / "manifest.csv", cache_dir=root / "cache")
+
+
+def n_parameters(study: Study) -> int:
+    """Trainable parameters of the network the variant's training composes."""
+    import hydra
+
+    from ctpm.models import count_parameters
+
+    cfg = compose("train", study.train_args("pretrain"))
+    return count_parameters(hydra.utils.instantiate(cfg.model.net))
+
+
+def run_variant(study: SharedCacheStudy) -> dict[str, Any]:
+    """One variant's study (the cohorts already synthesised); returns its timing and size."""
+    Path(study.out).mkdir(parents=True, exist_ok=True)
+    timing_file = Path(study.out) / "ablation.json"
+    done = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    preprocess(study)
+    t0 = time.time()
+    pretrain(study)
+    t1 = time.time()
+    finetune(study)
+    t2 = time.time()
+    predict_pretrained(study)
+    evaluate(study)
+    info = {"overrides": list(study.train_overrides), "parameters": n_parameters(study),
+            # a stage kept from an earlier run takes ~0 s here: keep the time it was measured with
+            "pretrain_s": done.get("pretrain_s") if t1 - t0 < 5 and done else t1 - t0,
+            "finetune_s": done.get("finetune_s") if t2 - t1 < 5 and done else t2 - t1}
+    timing_file.write_text(json.dumps(info, indent=1))
+    return info
+
+
+def run_ablation(ab: Ablation) -> Path:
+    """Every seed x variant, then the table (out/ablation.md, returned)."""
+    for seed in ab.seeds:
+        root = Path(ab.out) / f"seed{seed}"
+        synthesise(Study(root, workers=ab.workers), **{**dict(ab.synth), "seed": int(seed)})
+        for variant in ab.variants:
+            print(f"\n=== ablation: seed {seed}, variant {variant} ===", flush=True)
+            run_variant(ab.study(seed, variant))
+    return write_table(ab)
+
+
+# ---- the table ----
+
+def _ci(entry: Mapping[str, Any] | None, key: str = "estimate") -> tuple[float, float, float]:
+    if not entry:
+        return (math.nan, math.nan, math.nan)
+    get = lambda k: math.nan if entry.get(k) is None else float(entry[k])  # noqa: E731
+    return get(key) if key in entry else get("mean"), get("low"), get("high")
+
+
+def _fmt(v: tuple[float, float, float] | float, digits: int = 2) -> str:
+    if isinstance(v, tuple):
+        m, lo, hi = v
+        if not math.isfinite(m):
+            return "n/a"
+        if math.isfinite(lo) and math.isfinite(hi):
+            return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+        return f"{m:.{digits}f}"
+    return "n/a" if not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def variant_row(folder: Path) -> dict[str, Any]:
+    """The numbers of one variant's study folder (summary.json of ctpm-evaluate, ablation.json)."""
+    summary = json.loads((folder / "summary.json").read_text())
+    info = json.loads((folder / "ablation.json").read_text()) if (folder / "ablation.json").is_file() else {}
+    model = summary["sets"]["model"]
+    metrics = model["summary"]["metrics"]
+    head = (summary.get("headline") or {}).get("metrics", {})
+    paired = summary.get("paired", {}).get("model_vs_baseline", {})
+    lobes = model.get("lobes") or {}
+    lobe_r = {}
+    for name, entry in (lobes.items() if isinstance(lobes, Mapping) else []):
+        if isinstance(entry, Mapping) and "pearson_r" in entry:
+            lobe_r[name] = (float(entry["pearson_r"] if entry["pearson_r"] is not None else math.nan),
+                            float(entry.get("pearson_ci_low") or math.nan),
+                            float(entry.get("pearson_ci_high") or math.nan))
+    defects = summary.get("defects", {}).get("model", {})
+    return {
+        "R": _ci(metrics.get("spearman_r", {}).get("ci")),
+        "interior R": _ci(metrics.get("spearman_r_interior", {}).get("ci")),
+        "margin R over geometry": _ci(head.get("spearman_r", {}).get("margin")),
+        "margin interior R over geometry": _ci(head.get("spearman_r_interior", {}).get("margin")),
+        "mean lobe r": _ci(model.get("mean_lobe_r")),
+        "lobe r": lobe_r,
+        "DSC high": _ci(metrics.get("dice_high", {}).get("ci")),
+        "DSC low": _ci(metrics.get("dice_low", {}).get("ci")),
+        "defect sensitivity": float(defects.get("pooled_sensitivity") or math.nan),
+        "defect precision": float(defects.get("pooled_precision") or math.nan),
+        "fine-tuned - pretrained R": _ci((paired.get("spearman_r") or {}).get("ci")),
+        "p (Wilcoxon)": float((paired.get("spearman_r") or {}).get("wilcoxon_p") or math.nan),
+        "parameters": info.get("parameters"),
+        "train min": ((info.get("pretrain_s") or 0) + (info.get("finetune_s") or 0)) / 60 if info else math.nan,
+    }
+
+
+COLUMNS = ("R", "interior R", "margin R over geometry", "margin interior R over geometry", "mean lobe r",
+           "DSC high", "DSC low", "defect sensitivity", "defect precision", "fine-tuned - pretrained R",
+           "p (Wilcoxon)", "parameters", "train min")
+
+
+def write_table(ab: Ablation) -> Path:
+    """out/ablation.md: a row per seed and variant (variants not yet evaluated are listed as such),
+    and the lobe r of every row with its interval."""
+    lines = ["| seed | variant | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
+    lobe_lines: list[str] = []
+    for seed in ab.seeds:
+        for variant in ab.variants:
+            folder = Path(ab.out) / f"seed{seed}" / variant
+            if not (folder / "summary.json").is_file():
+                lines.append(f"| {seed} | {variant} | " + " | ".join(["not run"] * len(COLUMNS)) + " |")
+                continue
+            row = variant_row(folder)
+            cells = []
+            for c in COLUMNS:
+                v = row[c]
+                if c == "parameters":
+                    cells.append(f"{v / 1e6:.2f} M" if v else "n/a")
+                elif c == "p (Wilcoxon)":
+                    cells.append(_fmt(v, 3))
+                elif c == "train min":
+                    cells.append(_fmt(v, 1))
+                else:
+                    cells.append(_fmt(v))
+            lines.append(f"| {seed} | {variant} | " + " | ".join(cells) + " |")
+            if row["lobe r"]:
+                lobes = ", ".join(f"{k} {_fmt(v)}" for k, v in row["lobe r"].items())
+                lobe_lines.append(f"- seed {seed}, {variant}: {lobes}")
+    text = "\n".join(lines) + "\n"
+    if lobe_lines:
+        text += "\nLobe-mean r (fine-tuned vs SPECT, 95 % interval):\n\n" + "\n".join(lobe_lines) + "\n"
+    path = Path(ab.out) / "ablation.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text)
+    return path
+
+
+def from_config(cfg: Mapping[str, Any]) -> Ablation:
+    variants_all = {str(k): [str(o) for o in (v or [])] for k, v in dict(cfg["variant_overrides"]).items()}
+    chosen = [str(v) for v in cfg["variants"]]
+    unknown = [v for v in chosen if v not in variants_all]
+    if unknown:
+        raise CtpmError(f"unknown ablation variant(s) {', '.join(unknown)}; known: {', '.join(variants_all)}")
+    return Ablation(cfg["out"], {v: variants_all[v] for v in chosen}, seeds=[int(s) for s in cfg["seeds"]],
+                    scale=str(cfg["train_scale"]), folds=int(cfg["folds"]), workers=int(cfg["workers"]),
+                    train_overrides=[str(o) for o in cfg.get("train_overrides") or []], synth=dict(cfg["synth"]))
