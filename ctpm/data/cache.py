@@ -28,8 +28,8 @@ import json
 import os
 import shutil
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 

@@ -19,9 +19,10 @@ evaluation all call them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -56,7 +57,7 @@ class LungInverse:
     mode: str = "trilinear"
 
     @classmethod
-    def from_operations(cls, ops: Sequence[Mapping], roi_size: Sequence[int]) -> "LungInverse":
+    def from_operations(cls, ops: Sequence[Mapping], roi_size: Sequence[int]) -> LungInverse:
         """Read from what MONAI's CropForegroundd, Transposed, Resized and Flipd recorded
         (``MetaTensor.applied_operations`` of a lung-stage image at ``roi_size``)."""
         from monai.utils import TraceKeys
@@ -96,7 +97,7 @@ class LungInverse:
                 "mode": self.mode}
 
     @classmethod
-    def from_json(cls, d: Mapping) -> "LungInverse":
+    def from_json(cls, d: Mapping) -> LungInverse:
         t = lambda k: tuple(int(v) for v in d[k])  # noqa: E731
         return cls(t("start"), t("stop"), t("grid_shape"), t("transpose"), t("roi_size"), t("flip"), str(d["mode"]))
 
@@ -120,7 +121,7 @@ class LungInverse:
         return np.ascontiguousarray(np.transpose(back, np.argsort(self.transpose)))
 
 
-def restore(roi_maps: Mapping[str, np.ndarray], record: "PatientRecord") -> np.ndarray:
+def restore(roi_maps: Mapping[str, np.ndarray], record: PatientRecord) -> np.ndarray:
     """Per-lung maps at roi_size ({"right": ..., "left": ...}) -> one map on the evaluation grid.
     Each voxel of a lung takes its own lung's prediction; voxels outside the lungs are 0."""
     lungs = np.asarray(record.grid_lungs)
@@ -137,7 +138,7 @@ def restore(roi_maps: Mapping[str, np.ndarray], record: "PatientRecord") -> np.n
     return out
 
 
-def to_ct(grid_map: np.ndarray, record: "PatientRecord") -> np.ndarray:
+def to_ct(grid_map: np.ndarray, record: PatientRecord) -> np.ndarray:
     """A map on the evaluation grid -> the CT grid (linear, normalised by the lungs, so that lung
     voxels at the border are not pulled towards the 0 outside), inside the lungs the
     preprocessing used on the CT grid."""

@@ -23,8 +23,9 @@ stay standardised (1.0 = normal-functioning lung), as the design card fixes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ from monai.transforms import (
 )
 
 from ctpm.data.io import Volume, load_image
-from ctpm.data.lungs import LEFT, RIGHT, LungSegmentationConfig, evaluation_mask, segment_lungs, _split_touching
+from ctpm.data.lungs import LEFT, RIGHT, LungSegmentationConfig, _split_touching, evaluation_mask, segment_lungs
 from ctpm.data.registration import KINDS, RegisterSpectd
 from ctpm.errors import CtpmError, warn
 from ctpm.geometry import Grid, footprint
@@ -70,7 +71,7 @@ class PreprocessConfig:
     context_channels: Sequence[str] = ()  # extra ROI channels of CONTEXT_CHANNELS (see context_maps)
 
     @classmethod
-    def from_any(cls, cfg: Any) -> "PreprocessConfig":
+    def from_any(cls, cfg: Any) -> PreprocessConfig:
         if isinstance(cfg, cls):
             return cfg
         if cfg is None:
@@ -230,8 +231,8 @@ def _labels_from_mask(mask: np.ndarray, spacing, pid) -> np.ndarray:
     labels = np.zeros(mask.shape, np.uint8)
     if len(parts) == 2:
         cx = [np.nonzero(p.any(axis=(1, 2)))[0].mean() for p in parts]
-        r, l = (parts[0], parts[1]) if cx[0] > cx[1] else (parts[1], parts[0])  # RAS: right lung at larger i
-        labels[r], labels[l] = RIGHT, LEFT
+        right, left = (parts[0], parts[1]) if cx[0] > cx[1] else (parts[1], parts[0])  # RAS: right lung at larger i
+        labels[right], labels[left] = RIGHT, LEFT
     elif len(parts) == 1:
         x = np.nonzero(parts[0].any(axis=(1, 2)))[0].mean()
         labels[parts[0]] = RIGHT if x > mask.shape[0] / 2 else LEFT

@@ -39,8 +39,8 @@ from ctpm.evaluation.baselines import (  # noqa: F401
     DensityBaseline,
     GeometryPrior,
     ceiling_maps,
-    oracle_map,
     density_features,
+    oracle_map,
 )
 from ctpm.evaluation.defects import (
     DEFAULT_MIN_DEFECT_ML,

@@ -43,6 +43,7 @@ bound ``sqrt(6 / fan_in)``), as the 2022 paper states; biases start at zero.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
