@@ -201,7 +201,7 @@ def absolute_manifest(src_manifest: Path, dst: Path, ids=None) -> Path:
         if ids is not None and r["patient_id"] not in ids:
             continue
         r = dict(r)
-        for c in ("ct", "spect", "lung_mask", "lobes", "perfusion", "dose"):
+        for c in ("ct", "spect", "lung_mask", "lobes", "perfusion", "dose", "oracle"):
             if r.get(c):
                 r[c] = str((src_manifest.parent / r[c]).resolve())
         out.append(r)

@@ -70,7 +70,7 @@ def write_patient(root: Path, p, dicom_id: str, *, spect: bool, rtstruct: bool, 
         lobes_nii = nib.load(str(p.lobes))
         lobes = on_grid(np.asarray(lobes_nii.dataobj), lobes_nii.affine, vol.affine, vol.shape)
         rois = [Roi(LOBE_ROI[name], lobes == label, (255, 0, 0)) for name, label in LOBE_LABELS.items()]
-        write_rtstruct(vol, rois, root / "rtstruct" / "rs.dcm", anonymise=False)
+        write_rtstruct(vol, rois, root / "rtstruct" / "rs.dcm", identity="copy")
         np.save(truth / f"{dicom_id}_lobes.npy", lobes)
     return files, study, frame
 

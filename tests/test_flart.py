@@ -452,7 +452,7 @@ def shifted_dose_manifest(tiny_cohort: Path, tmp_path: Path) -> tuple[Path, str,
     dose.affine[:3, 3] += [0.0, 0.0, 1000.0]
     moved = save_nifti(dose.array, dose.affine, tmp_path / "moved_dose.nii.gz")
     for r in rows:
-        for c in ("ct", "spect", "lobes", "perfusion", "dose"):
+        for c in ("ct", "spect", "lobes", "perfusion", "dose", "oracle"):
             if r.get(c):
                 r[c] = str(tiny_cohort.parent / r[c])
         if r is victim:

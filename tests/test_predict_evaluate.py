@@ -323,7 +323,7 @@ def test_prediction_folders_name_their_preprocessing(tiny_cache, tmp_path):
     cache = PreprocessCache(tiny_cache, TINY_PREPROCESSING)
     writer = PerfusionWriter(str(tmp_path / "pred"))
     writer.written = ["x"]
-    writer.on_predict_end(SimpleNamespace(datamodule=SimpleNamespace(cache=cache), ckpt_path="last.ckpt"), None)
+    writer.on_predict_end(SimpleNamespace(datamodule=SimpleNamespace(cache=cache), ckpt_path="last.ckpt", is_global_zero=True, world_size=1), None)
     info = json.loads((tmp_path / "pred" / "provenance.json").read_text())
     assert info["preprocessing_hash"] == cache.key and info["checkpoints"] == ["last.ckpt"]
     assert _provenance_hashes([str(tmp_path / "pred"), str(tmp_path / "none")]) == [cache.key]
