@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctpm.data.io import atomic_write
 from ctpm.errors import CtpmError
 from ctpm.pipeline import Study, compose, evaluate, finetune, predict_pretrained, preprocess, pretrain, synthesise
 
@@ -86,7 +87,7 @@ def run_variant(study: SharedCacheStudy) -> dict[str, Any]:
             # a stage kept from an earlier run takes ~0 s here: keep the time it was measured with
             "pretrain_s": done.get("pretrain_s") if t1 - t0 < 5 and done else t1 - t0,
             "finetune_s": done.get("finetune_s") if t2 - t1 < 5 and done else t2 - t1}
-    timing_file.write_text(json.dumps(info, indent=1))
+    atomic_write(timing_file, json.dumps(info, indent=1))
     return info
 
 
@@ -192,7 +193,7 @@ def write_table(ab: Ablation) -> Path:
         text += "\nLobe-mean r (fine-tuned vs SPECT, 95 % interval):\n\n" + "\n".join(lobe_lines) + "\n"
     path = Path(ab.out) / "ablation.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    atomic_write(path, text)
     print(text)
     return path
 

@@ -14,10 +14,10 @@ Paths inside the folder are stored relative to it, so that a study folder can be
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from ctpm.data.io import atomic_write
 from ctpm.errors import CtpmError
 
 PROVENANCE = "provenance.json"
@@ -48,13 +48,7 @@ def write_provenance(folder: str | Path, record: dict[str, Any]) -> Path:
     a "stage"; it is written last, once the stage's outputs are complete."""
     if "stage" not in record:
         raise ValueError("a provenance record names its stage")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / PROVENANCE
-    tmp = path.with_name(f".{PROVENANCE}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write(Path(folder) / PROVENANCE, json.dumps(record, indent=1, default=str) + "\n")
 
 
 def read_provenance(folder: str | Path, stage: str | None = None) -> dict[str, Any] | None:

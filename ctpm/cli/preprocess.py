@@ -8,13 +8,15 @@ afterwards reports the patients still missing.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from ctpm.cli._common import CONF_DIR, user_errors
+from ctpm.cli._common import CONF_DIR, command_line, user_errors
+from ctpm.data.io import atomic_write
 from ctpm.data.manifest import load_manifest
 
 
@@ -44,14 +46,13 @@ def run(cfg: DictConfig) -> dict[str, str]:
     rt = {pid: r for pid, (_, r) in result.ok.items() if r is not None}
     if cfg.roundtrip and rt:
         path = Path(cfg.out) / f"roundtrip{suffix}.csv"
-        tmp = path.with_name(".roundtrip.csv.tmp")
-        with tmp.open("w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["patient_id", "spearman_r"])
-            for p in patients:
-                if p.patient_id in rt:
-                    w.writerow([p.patient_id, f"{rt[p.patient_id]:.6f}"])
-        tmp.replace(path)
+        fh = io.StringIO(newline="")
+        w = csv.writer(fh)
+        w.writerow(["patient_id", "spearman_r"])
+        for p in patients:
+            if p.patient_id in rt:
+                w.writerow([p.patient_id, f"{rt[p.patient_id]:.6f}"])
+        atomic_write(path, fh.getvalue())
         vals = sorted(rt.values())
         print(f"roundtrip Spearman R (the ceiling at roi_size): min {vals[0]:.4f}, mean {sum(vals) / len(vals):.4f} -> {path}")
     if cache.cfg.register_spect != "none":  # the cohort's SPECT-to-CT transforms, one table
@@ -80,6 +81,7 @@ def check(cache, patients) -> dict[str, str]:
     return {p.patient_id: "cached" for p in patients}
 
 
+@command_line("ctpm-preprocess")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="preprocess")
 @user_errors("ctpm-preprocess")
 def main(cfg: DictConfig) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import zlib
 from collections.abc import Iterable
@@ -34,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from ctpm.batch import BatchResult, run_batch
-from ctpm.data.io import atomic_directory, save_nifti
-from ctpm.data.manifest import Patient
+from ctpm.data.io import atomic_directory, atomic_path, atomic_write, save_nifti, sweep_temps
+from ctpm.data.manifest import Patient, check_patient_id
 from ctpm.data.preprocess import preprocess_patient
 from ctpm.data.record import GRID_ARRAYS, ROI_ARRAYS, LungInverse, PatientRecord, restore
 from ctpm.data.transforms import PreprocessConfig
@@ -61,10 +60,10 @@ class PreprocessCache:
 
     # ---- paths ----
     def entry_dir(self, patient_id: str) -> Path:
-        return self.root / patient_id / self.key
+        return self.root / check_patient_id(patient_id) / self.key
 
     def qa_lungs_path(self, patient_id: str) -> Path:
-        return self.root / patient_id / "lungs.nii.gz"
+        return self.root / check_patient_id(patient_id) / "lungs.nii.gz"
 
     # ---- validity ----
     def problem(self, patient_id: str, *, need_spect: bool = True, patient: Patient | None = None) -> str | None:
@@ -98,7 +97,7 @@ class PreprocessCache:
         self.root.mkdir(parents=True, exist_ok=True)
         _write_text(self.root / f"{self.key}.json", json.dumps(self.cfg.to_dict(), indent=1))
         final = self.entry_dir(rec.patient_id)
-        with atomic_directory(final, prefix=f".{self.key}.tmp-") as tmp:
+        with atomic_directory(final) as tmp:
             for name in ROI_ARRAYS + GRID_ARRAYS:
                 arr = getattr(rec, name)
                 if arr is not None:
@@ -132,10 +131,8 @@ class PreprocessCache:
         return final
 
     def _copy_qa_lungs(self, src: Path, patient_id: str) -> None:
-        dst = self.qa_lungs_path(patient_id)
-        part = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-        shutil.copyfile(src, part)
-        os.replace(part, dst)
+        with atomic_path(self.qa_lungs_path(patient_id)) as part:
+            shutil.copyfile(src, part)
 
     # ---- reading ----
     def load(self, patient_id: str, *, mmap: bool = True) -> PatientRecord:
@@ -177,7 +174,9 @@ class PreprocessCache:
         patients = list(patients)
         status: dict[str, str] = {}
         todo: list[Patient] = []
+        sweep_temps(self.root)
         for p in patients:
+            sweep_temps(self.root / p.patient_id)  # what a killed run left (temporary entries, copies)
             why = self.problem(p.patient_id, need_spect=with_spect, patient=p)
             if why is None and not roundtrip and not (force and p.patient_id in force):
                 status[p.patient_id] = "cached"
@@ -315,6 +314,4 @@ def _crc(path: Path) -> int:
 
 
 def _write_text(path: Path, text: str) -> None:
-    part = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    part.write_text(text)
-    os.replace(part, path)
+    atomic_write(path, text)

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ctpm.data.cache import PreprocessCache
+from ctpm.data.io import atomic_write
 from ctpm.data.manifest import Manifest, Patient, load_manifest
 from ctpm.data.transforms import PreprocessConfig
 from ctpm.errors import CtpmError
@@ -69,8 +70,13 @@ def load_or_make_splits(path: Path, patients: list[Patient], cohort: str, n_fold
     if path.is_file():
         try:
             splits = json.loads(path.read_text())
-        except ValueError:
+        except ValueError:  # (UnicodeDecodeError too)
             raise CtpmError("splits.json is not valid JSON; delete it to draw the splits again", path=path) from None
+        folds = splits.get("folds") if isinstance(splits, dict) else None
+        if not isinstance(folds, list) or not all(isinstance(f, dict) and {"train", "val", "test"} <= set(f)
+                                                  for f in folds):
+            raise CtpmError("splits.json is not ctpm's (a JSON object whose 'folds' hold train, val and test "
+                            "lists); delete it to draw the splits again", path=path)
         if splits.get("cohort") == cohort:
             if sorted(splits.get("patients", [])) != ids or splits.get("n_folds") != n_folds:
                 raise CtpmError(
@@ -87,10 +93,7 @@ def load_or_make_splits(path: Path, patients: list[Patient], cohort: str, n_fold
         rest = [pid for pid in ids if pid not in set(test)]
         train, val = hold_out(rest, val_fraction, seed + 1000 + k)
         out["folds"].append({"train": train, "val": val, "test": test})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(out, indent=1))
     return out
 
 

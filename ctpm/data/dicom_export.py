@@ -40,15 +40,13 @@ and a reference names the CT's study without filing the object in it.
 from __future__ import annotations
 
 import datetime
-import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ctpm.data.io import Volume, atomic_directory, load_image
+from ctpm.data.io import Volume, atomic_directory, atomic_path, load_image
 from ctpm.errors import CtpmError, warn
 from ctpm.geometry import LPS_TO_RAS
 
@@ -370,13 +368,8 @@ def _new_dataset(ct: Volume, sop_class: str, modality: str, identity: dict, seri
 
 def _save_atomic(ds, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         ds.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -41,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from ctpm.data.io import atomic_directory, frame_attribute, save_nifti
-from ctpm.data.manifest import _SAFE_ID, COHORTS, write_manifest
+from ctpm.data.io import atomic_directory, atomic_write, frame_attribute, save_nifti
+from ctpm.data.manifest import COHORTS, safe_id, write_manifest
 from ctpm.errors import CtpmError
 from ctpm.geometry import LPS_TO_RAS, dicom_affine
 
@@ -353,7 +354,7 @@ class PatientIds:
                     raise CtpmError("the id mapping needs the columns dicom_patient_id,patient_id", path=mapping)
                 for r in reader:
                     pid = (r["patient_id"] or "").strip()
-                    if not _SAFE_ID.match(pid):
+                    if not safe_id(pid):
                         raise CtpmError(f"mapped patient_id {pid!r} may only hold letters, digits, '.', '_', '-'",
                                         path=mapping)
                     self.table[(r["dicom_patient_id"] or "").strip()] = pid
@@ -366,7 +367,7 @@ class PatientIds:
             return "P" + hashlib.sha256(f"{self.salt}\0{dicom_id}".encode()).hexdigest()[:12]
         if self.mode == "mapping":
             return self.table.get(dicom_id)
-        if not _SAFE_ID.match(dicom_id):
+        if not safe_id(dicom_id):
             raise CtpmError(f"PatientID {dicom_id!r} is not a safe file name; use id_mode=hash or mapping")
         return dicom_id
 
@@ -633,12 +634,11 @@ def write_plan(plan: Plan, out: str | Path, skipped: str | Path | None = None) -
     for rel, labels, affine in plan.rois:
         save_nifti(labels, affine, out_dir / rel, dtype=np.uint8)
     skipped = Path(skipped) if skipped else out_dir / "skipped.csv"
-    tmp = skipped.with_name(f".{skipped.name}.tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=SKIP_COLUMNS)
-        w.writeheader()
-        w.writerows(s.row() for s in plan.skipped)
-    tmp.replace(skipped)
+    fh = io.StringIO(newline="")
+    w = csv.DictWriter(fh, fieldnames=SKIP_COLUMNS)
+    w.writeheader()
+    w.writerows(s.row() for s in plan.skipped)
+    atomic_write(skipped, fh.getvalue())
     if plan.rows:
         write_manifest(out, plan.rows)
     return out, skipped

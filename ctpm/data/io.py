@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import re
 import shutil
-import tempfile
+import socket
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,7 +116,31 @@ def read_nifti(path: Path) -> Volume:
     descrip = bytes(np.asarray(img.header.get("descrip", b""))).split(b"\0")[0].decode("latin-1").strip()
     if descrip:
         meta["description"] = descrip
+    aux = bytes(np.asarray(img.header.get("aux_file", b""))).split(b"\0")[0].decode("latin-1").strip()
+    if aux.startswith(_PATIENT_TAG):
+        meta["patient_tag"] = aux
     return Volume(data, affine, meta)
+
+
+# The maps ctpm writes for a patient carry a tag of the patient id in the header's aux_file (24
+# bytes: a hash, so that ids of any length fit and no id is spelled out), so that a reader can tell
+# another patient's map put under this patient's name from this patient's own.
+_PATIENT_TAG = "ctpm:"
+
+
+def patient_tag(patient_id: str) -> str:
+    import hashlib
+
+    return _PATIENT_TAG + hashlib.sha1(patient_id.encode("utf-8")).hexdigest()[:16]
+
+
+def check_patient_tag(vol: Volume, patient_id: str, path: str | Path | None = None) -> None:
+    """A CtpmError when a map's header says it was written for another patient (maps without a
+    tag, from other tools, pass)."""
+    tag = vol.meta.get("patient_tag")
+    if tag is not None and tag != patient_tag(patient_id):
+        raise CtpmError("this map was written by ctpm for another patient (its header's patient tag differs); "
+                        "is it another patient's map under this name?", patient=patient_id, path=path)
 
 
 def _as_3d(data: np.ndarray) -> np.ndarray:
@@ -382,51 +408,165 @@ def _read_enhanced(f: Path) -> Volume:
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype=np.float32, *,
-               description: str | None = None) -> Path:
+               description: str | None = None, patient: str | None = None) -> Path:
     """Write a NIfTI file atomically: a killed run never leaves a truncated file under the name.
-    `description` (<= 80 characters) goes into the header's ``descrip`` (see ``DESCRIPTIONS``)."""
+    `description` (<= 80 characters) goes into the header's ``descrip`` (see ``DESCRIPTIONS``),
+    `patient` a tag of the patient id into ``aux_file`` (``check_patient_tag``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(np.asarray(array).astype(dtype, copy=False), np.asarray(affine, dtype=np.float64))
     img.header.set_xyzt_units("mm")
     if description:
         img.header["descrip"] = description[:80].encode("latin-1", "replace")
+    if patient:
+        img.header["aux_file"] = patient_tag(patient).encode("ascii")
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=suffix) as tmp:
         if suffix == ".nii.gz":
             # Level 1 compresses CT-like data nearly as well as the default 9 at a fraction of the time.
             # mtime=0: the same image gives the same bytes (reproducible cohorts and caches).
             # Streamed through the compressor (nibabel writes the array in blocks): no second copy
             # of a 512^2 x N float map in memory.
-            with open(tmp, "wb") as fh, \
+            with open(tmp, "xb") as fh, \
                     gzip.GzipFile(filename="", fileobj=fh, mode="wb", compresslevel=1, mtime=0) as gz:
                 img.to_file_map({"image": nib.FileHolder(fileobj=gz)})
         else:
             nib.save(img, tmp)
-        os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic files and folders
+# --------------------------------------------------------------------------------------------------
+# Every file ctpm writes goes to a temporary name beside its final one and is renamed into place
+# when complete, so a killed run never leaves a truncated file under a real name. The temporary
+# names carry the host and the process id (".<name>.tmp-<host>-<pid>-<random>"), so a later run
+# can tell the leftovers of a killed process from the work of a live one (``sweep_temps``).
+# Temporaries are created with ``open``/``mkdir`` (not ``mkstemp``/``mkdtemp``, which make them
+# 0600/0700), so the outputs get the user's umask: a planning system's import service running
+# under another account can read them.
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname().split(".")[0])[:32] or "host"
+_TEMP = re.compile(r"^\..+\.tmp-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]{8}(\.nii(\.gz)?)?$")
+
+
+def temp_path(final: str | Path, suffix: str = "") -> Path:
+    """A fresh temporary name beside `final` (not created). `suffix` keeps an extension a writer
+    needs (nibabel picks the format from ``.nii`` / ``.nii.gz``)."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path, suffix: str = ""):
+    """Yield a temporary path beside `final` to write a file or a folder at; on success it is
+    renamed onto `final` (a folder there is replaced), on any error removed."""
+    final = Path(final)
+    tmp = temp_path(final, suffix)
+    try:
+        yield tmp
+        if final.is_dir() and not final.is_symlink() and tmp.is_dir():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _remove(tmp)
         raise
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write text (UTF-8) or bytes to `path` atomically (``atomic_path``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_path(path) as tmp, open(tmp, "xb") as fh:
+        fh.write(raw)
     return path
 
 
 @contextlib.contextmanager
-def atomic_directory(final: str | Path, prefix: str | None = None):
+def atomic_directory(final: str | Path):
     """Yield a temporary folder beside `final`; on success it replaces `final` in one rename, on any
     error it is removed. A killed process leaves only a dot-named temporary folder, never a
-    `final` that looks complete."""
+    `final` that looks complete (``sweep_temps`` removes it later)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=prefix or f".{final.name}.tmp-", dir=final.parent))
-    try:
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
         yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def sweep_temps(folder: str | Path) -> list[Path]:
+    """Remove the temporaries that killed processes of this host left in `folder` (not those of
+    live processes, nor of other hosts sharing the file system). Returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if m and m["host"] == _HOST and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+            _remove(entry)
+            removed.append(entry)
+    return removed
+
+
+def moved(paths, stage: Path, out: Path):
+    """`paths` (a path, or a dict / list of them, nested) written below `stage`, as they are named
+    once ``staged_outputs`` moved them into `out`."""
+    if isinstance(paths, dict):
+        return {k: moved(v, stage, out) for k, v in paths.items()}
+    if isinstance(paths, (list, tuple)):
+        return type(paths)(moved(v, stage, out) for v in paths)
+    if isinstance(paths, (str, Path)):
+        p = Path(paths)
+        try:
+            return Path(out) / p.relative_to(stage)
+        except ValueError:
+            return paths
+    return paths
+
+
+@contextlib.contextmanager
+def staged_outputs(out: str | Path):
+    """The outputs of one unit of work (a patient) all or none: yield a staging folder inside
+    `out`; when the block succeeds every file and folder written there is moved into `out`
+    (replacing what was there), when it fails the staging folder is removed and `out` is as it
+    was. Renames do not need disk space, so once every output is written the move cannot fail
+    for a full disk."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sweep_temps(out)
+    stage = temp_path(out / "staged")
+    stage.mkdir()
+    try:
+        yield stage
+        for item in sorted(stage.iterdir()):
+            dst = out / item.name
+            if dst.is_dir() and not dst.is_symlink():
+                shutil.rmtree(dst)
+            os.replace(item, dst)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -9,11 +9,13 @@ folder holding one DICOM series.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ctpm.data.io import atomic_write
 from ctpm.errors import CtpmError
 
 REQUIRED = ("patient_id", "cohort", "institution", "ct", "spect")
@@ -21,7 +23,22 @@ OPTIONAL_PATHS = ("lung_mask", "lobes", "perfusion", "dose", "oracle")
 OPTIONAL = OPTIONAL_PATHS + ("tumor_diameter_mm", "spect_fwhm_mm")
 COHORTS = ("noncancer", "cancer")
 # Patient ids become file names of outputs: keep them to characters that are safe everywhere.
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: no "/", "..", newline
+ID_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 128 characters"
+
+
+def safe_id(pid: object) -> bool:
+    """Whether `pid` can name files: the rule of ``check_patient_id``."""
+    return isinstance(pid, str) and _SAFE_ID.fullmatch(pid) is not None
+
+
+def check_patient_id(pid: object, *, source: str = "patient_id", path: str | Path | None = None) -> str:
+    """`pid` when it may name output files (``<out>/<id>.nii.gz``, ``<cache>/<id>/``), else a
+    CtpmError: every place where a name becomes a path goes through here, so an id such as
+    ``../x`` or ``a/b`` never writes outside its folder."""
+    if not safe_id(pid):
+        raise CtpmError(f"{source} {pid!r} may only hold {ID_RULE} (it names output files)", path=path)
+    return str(pid)
 
 
 @dataclass(frozen=True)
@@ -105,10 +122,8 @@ def load_manifest(path: str | Path, *, require_spect: bool = True, cohort: str |
             raise fail("has more fields than the header")
         if not pid:
             raise fail("patient_id is empty")
-        if not _SAFE_ID.match(pid):
-            raise fail(
-                f"patient_id {pid!r} may only hold letters, digits, '.', '_' and '-' (it names output files)"
-            )
+        if not safe_id(pid):
+            raise fail(f"patient_id {pid!r} may only hold {ID_RULE} (it names output files)")
         if pid in seen:
             raise fail(f"duplicate patient_id {pid!r} (also in row {seen[pid]})")
         seen[pid] = n
@@ -190,11 +205,9 @@ def write_manifest(path: str | Path, rows: list[dict]) -> Path:
     path = Path(path)
     columns = list(REQUIRED) + [c for c in OPTIONAL if any(c in r for r in rows)]
     columns += [c for c in dict.fromkeys(k for r in rows for k in r) if c not in columns]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({c: r.get(c, "") for c in columns})
-    tmp.replace(path)
-    return path
+    fh = io.StringIO(newline="")
+    writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({c: r.get(c, "") for c in columns})
+    return atomic_write(path, fh.getvalue())

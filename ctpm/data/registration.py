@@ -23,6 +23,7 @@ angles in degrees about the world (RAS) x, y, z axes, extrinsic, applied x first
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform
 
+from ctpm.data.io import atomic_write
 from ctpm.errors import CtpmError
 from ctpm.geometry import LPS_TO_RAS, Grid, resample
 
@@ -494,14 +496,12 @@ TABLE_COLUMNS = ("patient_id", "kind", "tx_mm", "ty_mm", "tz_mm", "rx_deg", "ry_
 def write_registration_table(records: Iterable[Mapping], path: str | Path) -> Path:
     """The cohort's registrations (``registration.json`` contents, with ``patient_id``) as one CSV."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(TABLE_COLUMNS)
-        for r in records:
-            t, a = r["translation_mm"], r["rotation_deg"]
-            w.writerow([r["patient_id"], r["kind"], *(f"{v:.3f}" for v in t), *(f"{v:.3f}" for v in a),
-                        f"{r['rotation_angle_deg']:.3f}", f"{r['metric_before']:.5f}", f"{r['metric_after']:.5f}",
-                        int(r["iterations"]), f"{r['seconds']:.2f}"])
-    tmp.replace(path)
-    return path
+    fh = io.StringIO(newline="")
+    w = csv.writer(fh)
+    w.writerow(TABLE_COLUMNS)
+    for r in records:
+        t, a = r["translation_mm"], r["rotation_deg"]
+        w.writerow([r["patient_id"], r["kind"], *(f"{v:.3f}" for v in t), *(f"{v:.3f}" for v in a),
+                    f"{r['rotation_angle_deg']:.3f}", f"{r['metric_before']:.5f}", f"{r['metric_after']:.5f}",
+                    int(r["iterations"]), f"{r['seconds']:.2f}"])
+    return atomic_write(path, fh.getvalue())

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from ctpm.data.io import atomic_write
 from ctpm.data.lungs import LEFT, RIGHT
-from ctpm.evaluation.report import _write_atomic
 from ctpm.evaluation.stats import LOBES
 
 #: Lobe labels of a lobe map (design card): 1 LUL, 2 LLL, 3 RUL, 4 RML, 5 RLL.
@@ -166,7 +166,7 @@ def write_qa(q: QaInput, out: str | Path, *, threshold: float = 0.66) -> Path:
     """``<out>/<id>_qa.png`` (atomically)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    return _write_atomic(out / f"{q.patient_id}_qa.png", qa_figure(q, threshold=threshold))
+    return atomic_write(out / f"{q.patient_id}_qa.png", qa_figure(q, threshold=threshold))
 
 
 def write_index(out: str | Path, rows: Sequence[Mapping[str, Any]], *, title: str = "ctpm-predict",
@@ -209,7 +209,7 @@ volumes. Check every picture before a map is used in a plan: lungs complete, no 
 {chr(10).join(body)}
 </table></body></html>
 """
-    return _write_atomic(out / "index.html", page)
+    return atomic_write(out / "index.html", page)
 
 
 def _fmt(v: Any) -> str:

@@ -25,8 +25,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from ctpm.data.io import atomic_write
 from ctpm.evaluation import figures
 from ctpm.evaluation.stats import (
     DIAMETER,
@@ -555,21 +554,6 @@ def _defect_lines(summary: Mapping[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: str | bytes) -> Path:
-    """Write data to a temporary file beside path, then rename it onto path. (The temporary name
-    is opened with ``open``, not ``mkstemp``, so that the file gets the user's umask, not 0600.)"""
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(raw)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _draw_figures(frames: Mapping[str, pd.DataFrame], case: Mapping[str, Any] | None,
                   labels: Mapping[str, str], threshold: float, bootstrap: Any = None) -> dict[str, Any]:
     """The figures the data allow, by name (Figure objects, not yet saved)."""
@@ -612,10 +596,10 @@ def write_report(result: Mapping[str, Any], out_dir: str | Path, *, labels: Mapp
 
     for name, df in frames.items():
         key = Path(SET_FILES[name]).stem
-        written[key] = _write_atomic(out / SET_FILES[name], df.to_csv(index=False))
+        written[key] = atomic_write(out / SET_FILES[name], df.to_csv(index=False))
 
     summary = summarise(frames, result, labels=labels, title=title, threshold=threshold, bootstrap=bootstrap)
-    written["summary"] = _write_atomic(out / "summary.json",
+    written["summary"] = atomic_write(out / "summary.json",
                                        json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
 
     figure_files: dict[str, Path] = {}
@@ -625,9 +609,9 @@ def write_report(result: Mapping[str, Any], out_dir: str | Path, *, labels: Mapp
             fig.savefig(buffer, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
         finally:
             plt.close(fig)
-        figure_files[name] = written[name] = _write_atomic(out / "figures" / f"{name}.png", buffer.getvalue())
+        figure_files[name] = written[name] = atomic_write(out / "figures" / f"{name}.png", buffer.getvalue())
 
-    written["report"] = _write_atomic(out / "report.md", render_markdown(summary, frames, figure_files))
+    written["report"] = atomic_write(out / "report.md", render_markdown(summary, frames, figure_files))
 
     stale = [out / f for f in SET_FILES.values()] + [out / "figures" / f"{n}.png" for n in FIGURE_NAMES]
     for path in stale:
@@ -676,7 +660,7 @@ def write_seed_report(summaries: Mapping[int, str | Path], out_dir: str | Path, 
         vals = [_num(p.get(key)) for p in per_seed]
         rows.append([label, *vals, _num(stat["mean"]), _num(stat["sd"]) if stat["n"] > 1 else "n/a"])
     lines += _table(header, rows)
-    files = {"summary": _write_atomic(out_dir / "seeds_summary.json", json.dumps(json_safe(agg), indent=1)),
-             "report": _write_atomic(out_dir / "seeds.md", "\n".join(lines) + "\n")}
+    files = {"summary": atomic_write(out_dir / "seeds_summary.json", json.dumps(json_safe(agg), indent=1)),
+             "report": atomic_write(out_dir / "seeds.md", "\n".join(lines) + "\n")}
     return files
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import BasePredictionWriter
 
-from ctpm.data.io import save_nifti
+from ctpm.data.io import DESCRIPTIONS, atomic_write, save_nifti
 from ctpm.data.record import PatientRecord, restore, to_ct
 
 
@@ -52,14 +52,14 @@ class PerfusionWriter(BasePredictionWriter):
 def write_patient_map(record: PatientRecord, roi: dict[str, np.ndarray], path: Path) -> Path:
     """Per-lung ROI predictions of a patient -> perfusion map in CT geometry on disk (inside the
     lungs the preprocessing used)."""
-    return save_nifti(to_ct(restore(roi, record), record), record.ct_grid.affine, path, dtype=np.float32)
+    return save_nifti(to_ct(restore(roi, record), record), record.ct_grid.affine, path, dtype=np.float32,
+                      description=DESCRIPTIONS["perfusion"], patient=record.patient_id)
 
 
 def write_provenance(folder: Path, preprocessing, *, checkpoints=()) -> Path:
     """``provenance.json`` beside a prediction set: the preprocessing (config and its cache hash)
     and checkpoint(s) it was made with, so that ``ctpm-evaluate cache=DIR`` picks the same records."""
     import json
-    import os
 
     from ctpm.data.cache import config_hash
     from ctpm.data.transforms import PreprocessConfig
@@ -68,11 +68,7 @@ def write_provenance(folder: Path, preprocessing, *, checkpoints=()) -> Path:
     info = {"preprocessing_hash": config_hash(cfg), "preprocessing": cfg.to_dict(),
             "checkpoints": [str(c) for c in checkpoints if c]}
     path = Path(folder) / "provenance.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(f".provenance.json.tmp-{os.getpid()}")
-    part.write_text(json.dumps(info, indent=1))
-    os.replace(part, path)
-    return path
+    return atomic_write(path, json.dumps(info, indent=1))
 
 
 def open_optuna_storage(spec: str):

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ctpm.data.io import save_nifti
+from ctpm.data.io import atomic_write, save_nifti
 from ctpm.data.manifest import write_manifest
 from ctpm.errors import CtpmError
 from ctpm.synth.patient import PatientData, make_patient
@@ -54,7 +54,7 @@ def write_patient(data: PatientData, out: Path) -> dict[str, Any]:
     if data.causes is not None:
         row["causes"] = " ".join(data.causes)
     if data.spect_info is not None:
-        (pdir / "spect.json").write_text(json.dumps(data.spect_info, indent=1, sort_keys=True) + "\n")
+        atomic_write(pdir / "spect.json", json.dumps(data.spect_info, indent=1, sort_keys=True) + "\n")
         row["spect_info"] = f"{data.patient_id}/spect.json"
         row["spect_model"] = data.spect_info["model"]
     if data.dose is not None:
