@@ -1,6 +1,6 @@
 """One way to run a function over the patients of a cohort and to report the ones that failed.
 
-A user error of one patient (a ``CtpmError``: unreadable file, no lung found ...) does not stop the
+A user error of one patient (a ``CtpmError``: unreadable file, no lung found ...; or an OSError) does not stop the
 others; it comes back as a structured ``Failure`` (patient, message, file), and ``BatchResult``
 builds the one message that every batch tool prints: a single failure as its own line, several
 as "N of M patients could not be <verb>:" with one line each. Anything else (a bug) is raised.
@@ -13,7 +13,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
-from ctpm.errors import CtpmError
+from ctpm.errors import CtpmError, user_error
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,8 @@ def _call(fn: Callable[[Any], Any], item: Any) -> tuple[bool, Any]:
     plain dataclass (an exception with keyword-only fields does not survive pickling)."""
     try:
         return True, fn(item)
-    except CtpmError as err:
-        return False, Failure.from_error(err, patient_id_of(item))
+    except (CtpmError, OSError) as exc:  # an OSError: a file of this patient unreadable, a full disk ...
+        return False, Failure.from_error(user_error(exc), patient_id_of(item))
 
 
 def run_batch(fn: Callable[[Any], Any], items: Iterable[Any], *, workers: int = 1, progress: bool = True,

@@ -11,13 +11,14 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ctpm.ablation import from_config, run_ablation
-from ctpm.cli._common import CONF_DIR, user_errors
+from ctpm.cli._common import CONF_DIR, command_line, user_errors
 
 
 def run(cfg: DictConfig) -> Path:
     return run_ablation(from_config(OmegaConf.to_container(cfg, resolve=True)))
 
 
+@command_line("ctpm-ablation")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="ablation")
 @user_errors("ctpm-ablation")
 def main(cfg: DictConfig) -> None:

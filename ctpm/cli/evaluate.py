@@ -7,7 +7,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ctpm.cli._common import CONF_DIR, user_errors
+from ctpm.cli._common import CONF_DIR, command_line, user_errors
+from ctpm.data.io import moved, staged_outputs
 from ctpm.data.manifest import load_manifest
 from ctpm.errors import CtpmError
 
@@ -39,8 +40,10 @@ def run(cfg: DictConfig) -> dict:
                       geometry_prior=bool(cfg.geometry_prior), smooth_density=bool(cfg.smooth_density),
                       default_spect_fwhm_mm=float(cfg.default_spect_fwhm_mm), min_defect_ml=float(cfg.min_defect_ml),
                       ceilings=bool(cfg.ceilings))
-    files = write_report(result, out, labels=OmegaConf.to_container(cfg.labels), title=cfg.title, threshold=float(cfg.threshold),
-                         bootstrap=OmegaConf.to_container(cfg.bootstrap))
+    with staged_outputs(out) as stage:  # the report's files all together, or none (a failed figure)
+        files = write_report(result, stage, labels=OmegaConf.to_container(cfg.labels), title=cfg.title,
+                             threshold=float(cfg.threshold), bootstrap=OmegaConf.to_container(cfg.bootstrap))
+    files = moved(files, stage, out)
     rows = result["rows"]["model"]
     mean_r = sum(r["spearman_r"] for r in rows) / len(rows)
     print(f"ctpm-evaluate: {len(rows)} patients, mean Spearman R {mean_r:.4f} -> {files.get('report', out)}")
@@ -75,6 +78,7 @@ def _provenance_hashes(predictions) -> list[str]:
     return out
 
 
+@command_line("ctpm-evaluate")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 @user_errors("ctpm-evaluate")
 def main(cfg: DictConfig) -> None:

@@ -7,12 +7,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ctpm.cli._common import CONF_DIR, user_errors
+from ctpm.cli._common import CONF_DIR, command_line, user_errors
+from ctpm.data.io import moved, staged_outputs
 from ctpm.data.manifest import load_manifest
 from ctpm.errors import CtpmError
 
 
 def run(cfg: DictConfig) -> dict:
+    from ctpm.batch import BatchResult
     from ctpm.evaluation.flart import FlartSettings, flart_cohort, flart_patient, summarise, write_dvh, write_flart
 
     out = Path(cfg.out)
@@ -32,7 +34,7 @@ def run(cfg: DictConfig) -> dict:
         predictions = OmegaConf.to_container(cfg.predictions) if OmegaConf.is_list(cfg.predictions) else cfg.predictions
         result = flart_cohort(load_manifest(cfg.manifest, require_spect=False), predictions, lungs=cfg.lungs,
                               settings=settings, progress=bool(cfg.progress))
-        rows, summary, curves = result["rows"], result["summary"], result["dvh"]
+        rows, summary, curves, failed = result["rows"], result["summary"], result["dvh"], result["failed"]
     else:
         missing = [k for k in ("dose", "perfusion") if not cfg[k]]
         if missing or not (cfg.lungs or cfg.lobes or cfg.structures):
@@ -45,14 +47,21 @@ def run(cfg: DictConfig) -> dict:
                               patient_id=str(cfg.patient_id), settings=settings, structures=cfg.structures,
                               lungs_roi=rois, ct=cfg.ct, registration=cfg.registration, dvh=curves)]
         summary = summarise(rows, settings.thresholds_gy)
-    files = write_flart(rows, summary, out, settings.thresholds_gy)
-    if cfg.dvh:
-        files.update(write_dvh(curves, out))
+        failed = []
+    with staged_outputs(out) as stage:  # the table, summary and curves together, or none
+        files = write_flart(rows, summary, stage, settings.thresholds_gy)
+        if cfg.dvh:
+            files.update(write_dvh(curves, stage))
+    files = moved(files, stage, out)
     n = summary["n_patients"]
     print(f"ctpm-flart: {n} patient(s) -> {files['csv']}")
+    # the good patients' table is written; the bad ones are reported together (status 2)
+    BatchResult(ok={r["patient_id"]: None for r in rows}, failed=failed).raise_if_failed(
+        "evaluated", note="the other patients are in flart.csv")
     return {"rows": rows, "summary": summary, "files": files}
 
 
+@command_line("ctpm-flart")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="flart")
 @user_errors("ctpm-flart")
 def main(cfg: DictConfig) -> None:

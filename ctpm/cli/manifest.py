@@ -8,7 +8,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ctpm.cli._common import CONF_DIR, user_errors
+from ctpm.cli._common import CONF_DIR, command_line, user_errors
 from ctpm.data.dicom_tree import PatientIds, build_plan, write_plan
 from ctpm.errors import CtpmError
 
@@ -36,6 +36,7 @@ def run(cfg: DictConfig) -> tuple[Path, Path]:
     return manifest, skipped
 
 
+@command_line("ctpm-manifest")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="manifest")
 @user_errors("ctpm-manifest")
 def main(cfg: DictConfig) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ctpm.cli._common import CONF_DIR, user_errors
+from ctpm.cli._common import CONF_DIR, command_line, user_errors
 from ctpm.pipeline import Study, run_seeds, run_study
 
 
@@ -27,6 +27,7 @@ def run(cfg: DictConfig) -> Path:
     return run_study(study, synth=synth, fresh=bool(cfg.fresh))
 
 
+@command_line("ctpm-study")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="study")
 @user_errors("ctpm-study")
 def main(cfg: DictConfig) -> None:

@@ -8,7 +8,7 @@ from collections import Counter
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ctpm.cli._common import CONF_DIR, user_errors
+from ctpm.cli._common import CONF_DIR, command_line, user_errors
 from ctpm.data.manifest import load_manifest
 from ctpm.errors import CtpmError
 from ctpm.synth import synthesise
@@ -29,6 +29,7 @@ def run(cfg: DictConfig):
     return manifest
 
 
+@command_line("ctpm-synth")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="synth")
 @user_errors("ctpm-synth")
 def _main(cfg: DictConfig) -> None:

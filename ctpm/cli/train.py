@@ -13,10 +13,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ctpm.cli._common import CONF_DIR, user_errors
+from ctpm.cli._common import CONF_DIR, command_line, user_errors
 from ctpm.lightning.train import train
 
 
+@command_line("ctpm-train")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 @user_errors("ctpm-train")
 def main(cfg: DictConfig) -> float | None:

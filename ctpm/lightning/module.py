@@ -8,6 +8,7 @@ computed later at 1 mm by ``ctpm-evaluate``.
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctpm.errors import CtpmError
+from ctpm.errors import CtpmError, first_line
 from ctpm.metrics import FunctionalDice, SpearmanR
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
@@ -88,16 +89,34 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x.flatten(1) * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-def load_state_dict_safely(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's contents with ``torch.load(weights_only=True)``: tensors and plain containers
-    only, so a crafted pickle cannot run code. Errors name the file."""
+def check_checkpoint_file(path: str | Path, *, archive: bool = False) -> Path:
+    """A checkpoint file that exists and is not empty (and, with `archive`, is a torch zip archive,
+    as every checkpoint Lightning writes is: what a resume needs before it starts), else a
+    CtpmError naming it."""
+    import zipfile
+
     path = Path(path)
     if not path.is_file():
         raise CtpmError("checkpoint does not exist", path=path)
+    if path.stat().st_size == 0:
+        raise CtpmError("the checkpoint file is empty (0 bytes: a save that was cut off?); "
+                        "use another checkpoint of the run", path=path)
+    if archive and not zipfile.is_zipfile(path):
+        raise CtpmError("not a PyTorch checkpoint (not a torch.save zip archive; truncated or another format)", path=path)
+    return path
+
+
+def load_state_dict_safely(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents with ``torch.load(weights_only=True)``: tensors and plain containers
+    only, so a crafted pickle cannot run code. Errors name the file."""
+    path = check_checkpoint_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle errors, truncated zip, refused globals
-        raise CtpmError(f"cannot load the checkpoint safely ({type(exc).__name__}: {str(exc).splitlines()[0]})", path=path) from None
+        raise CtpmError(f"cannot load the checkpoint safely ({type(exc).__name__}: {first_line(exc)})", path=path) from None
+    if not isinstance(ckpt, dict):
+        raise CtpmError(f"not a checkpoint (it holds a {type(ckpt).__name__}, not a dict of weights)", path=path)
+    return ckpt
 
 
 def network_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -167,6 +186,12 @@ class CTPMModule(pl.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.net = net
         self.loss_kind = loss
+        if preprocessing:  # the ROIs it will be given: refuse a size or channel count the net cannot take now
+            from ctpm.data.transforms import PreprocessConfig
+            from ctpm.models import check_fits
+
+            prep = PreprocessConfig.from_any(json.loads(preprocessing))
+            check_fits(net, prep.roi_size, 1 + len(prep.context_channels))
         if init_from:
             self.load_pretrained(init_from)
         if freeze_encoder:

@@ -16,11 +16,13 @@ import numpy as np
 import torch
 
 from ctpm.data.io import DESCRIPTIONS, save_nifti
+from ctpm.data.manifest import check_patient_id
 from ctpm.data.preprocess import preprocess_patient
 from ctpm.data.record import PatientRecord, restore, to_ct
 from ctpm.data.transforms import PreprocessConfig
-from ctpm.errors import CtpmError
+from ctpm.errors import CtpmError, first_line
 from ctpm.lightning.module import load_state_dict_safely, network_weights
+from ctpm.models import check_fits
 
 LOW, HIGH = 1, 2  # labels of the functional-volume map
 
@@ -51,7 +53,7 @@ def load_network(path: str | Path) -> tuple[torch.nn.Module, dict]:
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CtpmError(f"checkpoint weights do not fit its own network config ({str(exc).splitlines()[0]})", path=path) from None
+        raise CtpmError(f"checkpoint weights do not fit its own network config ({first_line(exc)})", path=path) from None
     net.eval()
     return net, dict(meta.get("preprocessing") or {})
 
@@ -77,6 +79,11 @@ class Predictor:
         merged = dict(configs[0])
         merged.update(preprocessing or {})  # e.g. another lung backend at prediction time
         self.cfg = PreprocessConfig.from_any(merged)
+        for c, net in zip(checkpoints, self.nets):
+            try:
+                check_fits(net, self.cfg.roi_size, 1 + len(self.cfg.context_channels))
+            except CtpmError as err:
+                raise err.with_context(path=c) from None
         self.flip_tta, self.threshold = flip_tta, threshold
 
     @torch.no_grad()
@@ -117,7 +124,7 @@ def write_prediction(pred: Prediction, out: Path) -> dict[str, Path]:
     from concurrent.futures import ThreadPoolExecutor
 
     out.mkdir(parents=True, exist_ok=True)
-    pid = pred.patient_id
+    pid = check_patient_id(pred.patient_id)
     jobs = {
         "perfusion": (pred.perfusion, f"{pid}.nii.gz", np.float32),
         "functional": (pred.functional, f"{pid}_functional.nii.gz", np.uint8),
@@ -126,6 +133,7 @@ def write_prediction(pred: Prediction, out: Path) -> dict[str, Path]:
     if pred.std is not None:
         jobs["std"] = (pred.std, f"{pid}_std.nii.gz", np.float32)
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        futures = {key: pool.submit(save_nifti, array, pred.affine, out / name, dtype, description=DESCRIPTIONS[key])
+        futures = {key: pool.submit(save_nifti, array, pred.affine, out / name, dtype, description=DESCRIPTIONS[key],
+                                    patient=pid)
                    for key, (array, name, dtype) in jobs.items()}
         return {key: f.result() for key, f in futures.items()}

@@ -23,8 +23,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ctpm.data.cache import config_hash
+from ctpm.data.io import atomic_write
 from ctpm.data.transforms import PreprocessConfig
 from ctpm.errors import CtpmError
+from ctpm.lightning.module import check_checkpoint_file
 from ctpm.provenance import relative_to, resolve_checkpoint, write_provenance
 
 log = logging.getLogger("ctpm.train")
@@ -108,11 +110,8 @@ def wandb_identity(cfg: DictConfig, key: str = "wandb") -> dict[str, Any]:
         group = None  # wandb groups a sweep's runs itself
     ident = {"name": name, "group": group, "id": run_id}
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{WANDB_RECORD}.tmp{os.getpid()}"
         project = cfg.logger[key].get("project")
-        tmp.write_text(json.dumps({**ident, "project": project}, indent=1) + "\n")
-        tmp.replace(out / WANDB_RECORD)
+        atomic_write(out / WANDB_RECORD, json.dumps({**ident, "project": project}, indent=1) + "\n")
     return ident
 
 
@@ -181,7 +180,10 @@ def train(cfg: DictConfig, command: str | None = None) -> dict[str, float]:
         for lg in objects["loggers"]:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         if cfg.get("train", True):
-            trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+            resume = cfg.get("ckpt_path")
+            if resume and str(resume) not in ("last", "best", "hpc", "registry"):  # Lightning's own keywords
+                check_checkpoint_file(resume, archive=True)  # an empty or damaged file: one line, before Lightning sees it
+            trainer.fit(model, datamodule=dm, ckpt_path=resume)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("test", True) and not trainer.fast_dev_run:
             dm.setup("test")
@@ -198,7 +200,7 @@ def train(cfg: DictConfig, command: str | None = None) -> dict[str, float]:
         fold = cfg.data.get("fold") if cfg.data.get("mode") == "fold" else None
         summary = {"stage": cfg.get("stage"), "fold": fold, "metrics": metrics, "split": dm.split}
         if trainer.is_global_zero:  # under DDP every process ends here, with the same synced metrics
-            (out / "job.json").write_text(json.dumps(summary, indent=1))
+            atomic_write(out / "job.json", json.dumps(summary, indent=1))
             write_provenance(out, run_record(cfg, trainer, fold=fold, predicted=predicted, command=command))
         return metrics
     finally:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from ctpm.models.arnn import ARNN, AttentionGate, FinalActivation, ResidualBlock
+from ctpm.models.arnn import ARNN, AttentionGate, FinalActivation, ResidualBlock, check_fits
 from ctpm.models.backbones import DynUNet, MaskedBackbone, SegResNet, SwinUNETR
 from ctpm.models.unet import UNet
 
-__all__ = ["ARNN", "AttentionGate", "DynUNet", "FinalActivation", "MaskedBackbone", "ResidualBlock", "SegResNet",
+__all__ = ["ARNN", "AttentionGate", "check_fits", "DynUNet", "FinalActivation", "MaskedBackbone", "ResidualBlock", "SegResNet",
            "SwinUNETR", "UNet", "count_parameters"]
 
 

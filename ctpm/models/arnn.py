@@ -130,6 +130,25 @@ def check_input(x: torch.Tensor, mask: torch.Tensor | None, size_multiple: int, 
         )
 
 
+def check_fits(net: nn.Module, roi_size, in_channels: int | None = None) -> None:
+    """A CtpmError, before any work, when a network cannot take the ROIs of a preprocessing config:
+    a ``roi_size`` that is not a multiple of its ``size_multiple``, or another number of channels
+    (1 + ``preprocessing.context_channels``) than it was built for."""
+    from ctpm.errors import CtpmError
+
+    name = type(net).__name__
+    multiple = int(getattr(net, "size_multiple", 1) or 1)
+    size = [int(v) for v in roi_size]
+    if any(v % multiple for v in size):
+        near = [max(multiple, round(v / multiple) * multiple) for v in size]
+        raise CtpmError(f"preprocessing.roi_size={size} does not fit {name}: D, H, W must be multiples of "
+                        f"{multiple} (one factor of 2 per downsampling), e.g. roi_size={near}")
+    built = getattr(net, "in_channels", None)
+    if in_channels is not None and built is not None and int(built) != int(in_channels):
+        raise CtpmError(f"{name} was built for {built} input channel(s), the preprocessing gives {in_channels}; "
+                        "with preprocessing.context_channels set, model.net.in_channels must be 1 + their number")
+
+
 def conv3x3x3(in_channels: int, out_channels: int, bias: bool) -> nn.Conv3d:
     """A 3x3x3 convolution that keeps the spatial size."""
     return nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=bias)
