@@ -13,7 +13,7 @@ from ctpm.data.lungs import evaluation_mask
 from ctpm.data.manifest import Patient
 from ctpm.data.record import LungInverse, PatientRecord
 from ctpm.data.transforms import PreprocessConfig, SplitLungsd, _like, context_maps, grid_stage, lung_stage
-from ctpm.errors import CtpmError
+from ctpm.errors import CtpmError, warn
 from ctpm.geometry import Grid, resample, resample_labels
 
 
@@ -78,7 +78,7 @@ def preprocess_patient(patient: Patient | dict, cfg: PreprocessConfig | dict | N
         grid_mask=(d["mask"][0].numpy() > 0).astype(np.uint8),
         grid_lungs=np.rint(d["lungs"][0].numpy()).astype(np.uint8),
         grid_spect=d["spect"][0].numpy().astype(np.float32) if with_spect else None,
-        grid_lobes=_labels_on(lobes_path, grid, pid) if lobes_path else None,
+        grid_lobes=_lobes_on(lobes_path, grid, pid, d["lungs"][0].numpy() > 0) if lobes_path else None,
         grid_truth=_map_on(truth_path, grid, pid) if truth_path else None,
         ct_grid=ct_grid,
         ct_lungs_array=resample_labels(native_labels, native, ct_grid),
@@ -96,12 +96,32 @@ def _optional(patient: Patient | dict, name: str) -> Path | None:
     return Path(value) if value else None
 
 
-def _labels_on(path: Path, grid: Grid, pid: str) -> np.ndarray:
-    """A label map (the lobes) onto the evaluation grid, nearest neighbour."""
+# lobe labels of the manifest's lobes column (the paper's five lobes)
+LOBE_LABELS = {1: "LUL", 2: "LLL", 3: "RUL", 4: "RML", 5: "RLL"}
+
+
+def _lobes_on(path: Path, grid: Grid, pid: str, lungs: np.ndarray, min_fraction: float = 0.5) -> np.ndarray:
+    """The lobe map onto the evaluation grid (nearest neighbour), checked against the lungs: a map
+    with other labels, or one that misses the lungs (another patient's, another frame of
+    reference), would give blank or meaningless lobe metrics; a lobe absent from the lungs is warned."""
     from ctpm.data.io import load_image
 
     vol = load_image(path, kind="label", patient=pid)
-    return np.rint(resample(vol.array, vol.grid, grid, order=0)).astype(np.uint8)
+    labels = np.unique(vol.array)
+    bad = [v for v in labels if v != 0 and v not in LOBE_LABELS]
+    if bad:
+        raise CtpmError(f"the lobe map holds label(s) {', '.join(f'{v:g}' for v in bad[:5])}; lobes are "
+                        "1 LUL, 2 LLL, 3 RUL, 4 RML, 5 RLL (0 elsewhere)", patient=pid, path=path)
+    on = np.rint(resample(vol.array, vol.grid, grid, order=0)).astype(np.uint8)
+    covered = float((on[lungs] > 0).mean()) if lungs.any() else 0.0
+    if covered < min_fraction:
+        raise CtpmError(f"the lobe map covers {100 * covered:.0f}% of the lungs (it lies off them: another "
+                        "patient's, or not in this CT's frame of reference?)", patient=pid, path=path)
+    absent = [name for v, name in LOBE_LABELS.items() if not (lungs & (on == v)).any()]
+    if absent:
+        warn(f"lobe(s) {', '.join(absent)} of the lobe map have no voxel inside the lungs; their lobe "
+             f"metrics are left blank ({path})", patient=pid)
+    return on
 
 
 def _map_on(path: Path, grid: Grid, pid: str) -> np.ndarray:

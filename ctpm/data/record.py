@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ctpm.data.lungs import LEFT, RIGHT
-from ctpm.errors import CtpmError
+from ctpm.errors import CtpmError, warn
 from ctpm.geometry import Grid, coverage, resample, resample_masked
 
 SIDE_LABELS = {"right": RIGHT, "left": LEFT}
@@ -203,10 +203,11 @@ class EvaluationGrid:
         """A map resampled onto this grid. With `min_coverage`, a map whose grid covers less than
         that share of the evaluation mask (another patient's, or not in CT geometry) is refused,
         and so is one that is zero everywhere in the mask: either would score silently as R = 0."""
-        from ctpm.data.io import load_image
+        from ctpm.data.io import check_patient_tag, load_image
 
         vol = load_image(path, kind=kind, patient=self.patient_id)
         if min_coverage is not None:
+            check_patient_tag(vol, self.patient_id, path)
             covered = coverage(vol.grid, self.grid, self.mask)
             if covered < min_coverage:
                 raise CtpmError(
@@ -214,9 +215,15 @@ class EvaluationGrid:
                     f"{100 * min_coverage:.0f}% needed, min_coverage); is it this patient's map in the CT's geometry?",
                     patient=self.patient_id, path=path)
         out = resample(vol.array, vol.grid, self.grid, order=0 if mode == "nearest" else 1)
-        if min_coverage is not None and not np.any(out[self.mask] > 0):
-            raise CtpmError("the prediction is zero everywhere in the lungs; is it registered to this CT?",
-                            patient=self.patient_id, path=path)
+        if min_coverage is not None:
+            zero = float(np.mean(out[self.mask] <= 0))
+            if zero == 1.0:
+                raise CtpmError("the prediction is zero everywhere in the lungs; is it registered to this CT?",
+                                patient=self.patient_id, path=path)
+            if zero > 0.1:  # a map made inside other lungs: another patient's, or another segmentation
+                warn(f"the prediction is zero in {100 * zero:.0f}% of the evaluated lungs ({path}); is it this "
+                     "patient's map? (ctpm's maps are positive everywhere inside the lungs they were made in)",
+                     patient=self.patient_id)
         return out
 
 

@@ -34,7 +34,7 @@ from ctpm.data.manifest import Manifest, Patient
 from ctpm.data.preprocess import preprocess_patient
 from ctpm.data.record import EvaluationGrid
 from ctpm.data.transforms import PreprocessConfig
-from ctpm.errors import CtpmError
+from ctpm.errors import CtpmError, first_line
 from ctpm.evaluation.baselines import (  # noqa: F401
     DensityBaseline,
     GeometryPrior,
@@ -143,13 +143,31 @@ def find_predictions(dirs: str | Path | Sequence[str | Path], ids: Iterable[str]
     return found, missing
 
 
+def read_splits(path: str | Path) -> dict:
+    """A splits.json (``ctpm.data.datamodule.load_or_make_splits``), checked: a JSON object whose
+    ``folds`` is a list of objects, each with a ``test`` list of patient ids."""
+    path = Path(path)
+    if not path.is_file():
+        raise CtpmError("splits file does not exist", path=path)
+    try:
+        splits = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise CtpmError("splits file is not JSON text", path=path) from None
+    except ValueError as exc:
+        raise CtpmError(f"splits file is not valid JSON ({first_line(exc)})", path=path) from None
+    folds = splits.get("folds") if isinstance(splits, dict) else None
+    if not isinstance(folds, list) or not all(isinstance(f, dict) and isinstance(f.get("test"), list) for f in folds):
+        raise CtpmError("not a splits.json of ctpm (a JSON object whose 'folds' lists objects with a 'test' list)",
+                        path=path)
+    return splits
+
+
 def missing_folds(splits_path: str | Path | None, missing: list[str]) -> list[int]:
     """Folds of splits.json whose test patients have no prediction (e.g. a failed fold job)."""
-    if not splits_path or not missing or not Path(splits_path).is_file():
+    if not splits_path or not missing:
         return []
-    splits = json.loads(Path(splits_path).read_text())
     gone = set(missing)
-    return [k for k, f in enumerate(splits.get("folds", [])) if gone & set(f["test"])]
+    return [k for k, f in enumerate(read_splits(splits_path)["folds"]) if gone & {str(t) for t in f["test"]}]
 
 
 def evaluate(
@@ -189,6 +207,8 @@ def evaluate(
     "case": arrays of a representative patient for the figure}; the sets are "model",
     "baseline", "density", "geometry", "truth_psf", "oracle_psf" and "truth", those evaluated.
     """
+    if splits:
+        read_splits(splits)  # a bad splits file is refused before the scoring work
     ids = [p.patient_id for p in manifest if cohort is None or p.cohort == cohort]
     if not ids:
         raise CtpmError(f"the manifest has no patient of cohort {cohort!r}", path=manifest.path)

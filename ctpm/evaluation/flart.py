@@ -43,13 +43,13 @@ import numpy as np
 import pandas as pd
 
 from ctpm.batch import BatchResult, Failure
-from ctpm.data.io import DESCRIPTIONS, Volume, load_image
+from ctpm.data.io import DESCRIPTIONS, Volume, atomic_write, load_image
 from ctpm.data.lungs import LEFT, RIGHT
 from ctpm.data.manifest import Manifest
 from ctpm.data.transforms import standardise_spect
-from ctpm.errors import CtpmError, warn
+from ctpm.errors import CtpmError, user_error, warn
 from ctpm.evaluation.evaluate import find_predictions
-from ctpm.evaluation.report import _write_atomic, json_safe
+from ctpm.evaluation.report import json_safe
 from ctpm.evaluation.stats import LOBES, describe, paired_comparison
 from ctpm.geometry import Grid, dicom_affine, sample_at
 
@@ -281,6 +281,15 @@ def lung_regions(lungs: Volume | None, lobes: Volume | None = None, *, patient: 
         if bad:
             raise CtpmError(f"lobe map holds labels {bad}; expected 1 LUL, 2 LLL, 3 RUL, 4 RML, 5 RLL",
                             patient=patient, path=lobes.meta.get("source"))
+        covered = float((lobe_values > 0).mean())
+        if covered < 0.5:  # lobes off the lungs would give zero lobe volumes and blank lobe metrics
+            raise CtpmError(f"the lobe map covers {100 * covered:.0f}% of the lung voxels (it lies off the lungs: "
+                            "another patient's, or not in this CT's frame of reference?)",
+                            patient=patient, path=lobes.meta.get("source"))
+        absent = [name for label, name in LOBE_LABELS.items() if not (lobe_values == label).any()]
+        if absent:
+            warn(f"lobe(s) {', '.join(absent)} of the lobe map have no voxel inside the lungs; their metrics are "
+                 f"left blank ({lobes.meta.get('source')})", patient=patient)
     if lungs is not None and np.any(values == LEFT):
         out.regions["right"], out.regions["left"] = values == RIGHT, values == LEFT
         out.source = "lung labels"
@@ -599,7 +608,7 @@ def write_dvh(tables: Mapping[str, pd.DataFrame], out: str | Path) -> dict[str, 
     colours = {"lungs": "black", "right": "tab:blue", "left": "tab:red"}
     styles = ["--", ":", "-."]
     for pid, df in tables.items():
-        files[f"{pid}_csv"] = _write_atomic(folder / f"{pid}_dvh.csv", df.to_csv(index=False, float_format="%.6g"))
+        files[f"{pid}_csv"] = atomic_write(folder / f"{pid}_dvh.csv", df.to_csv(index=False, float_format="%.6g"))
         fig, ax = plt.subplots(figsize=(6.0, 4.0))
         try:
             for name in DVH_REGIONS:
@@ -618,7 +627,7 @@ def write_dvh(tables: Mapping[str, pd.DataFrame], out: str | Path) -> dict[str, 
             fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
         finally:
             plt.close(fig)
-        files[f"{pid}_png"] = _write_atomic(folder / f"{pid}_dvh.png", buffer.getvalue())
+        files[f"{pid}_png"] = atomic_write(folder / f"{pid}_dvh.png", buffer.getvalue())
     return files
 
 
@@ -630,11 +639,12 @@ def flart_cohort(manifest: Manifest, predictions: Any, *, lungs: str | Path | No
     Lungs, in this order: `lungs` (see :func:`lungs_file`), the manifest's ``lung_mask``, its
     ``lobes``. A SPECT is placed by the cache entry's ``registration.json`` when `lungs` is a
     ctpm-preprocess cache made with ``register_spect`` (:func:`registration_beside`). Lobes, when
-    the manifest has them, also give the per-lobe metrics. Every patient is tried; problems are
-    reported together, and nothing is returned unless every patient worked.
+    the manifest has them, also give the per-lobe metrics. Every patient is tried: the good ones
+    give their rows, the bad ones come back in ``failed`` (the caller writes the table of the good
+    ones, then reports the bad ones together). A cohort in which no patient worked is an error.
 
-    Returns {"rows": [...], "summary": {...}, "dvh": {patient_id: table}} (see :func:`summarise`,
-    :func:`dvh_table`).
+    Returns {"rows": [...], "summary": {...}, "dvh": {patient_id: table}, "failed": [Failure]}
+    (see :func:`summarise`, :func:`dvh_table`).
     """
     from tqdm.auto import tqdm
 
@@ -675,8 +685,8 @@ def flart_cohort(manifest: Manifest, predictions: Any, *, lungs: str | Path | No
                                              min_coverage=s.min_perfusion_coverage)
             else:
                 without_spect.append(pid)
-        except CtpmError as err:
-            failed.append(Failure.from_error(err, pid))
+        except (CtpmError, OSError) as exc:
+            failed.append(Failure.from_error(user_error(exc), pid))
             continue
         base = {"patient_id": pid, "cohort": p.cohort, "institution": p.institution,
                 "lungs_from": regions.source, "dose_coverage": coverage}
@@ -687,13 +697,14 @@ def flart_cohort(manifest: Manifest, predictions: Any, *, lungs: str | Path | No
             weighted = [k for k in by_source["ct"] if k.startswith("f")]
             rows.append({**base, "source": DIFFERENCE,
                          **{k: by_source["spect"][k] - by_source["ct"][k] for k in weighted}})
-    gone = {f.patient for f in failed}
-    BatchResult(ok={p.patient_id: None for p in todo if p.patient_id not in gone}, failed=failed).raise_if_failed("evaluated")
+    if not rows:  # nothing to tabulate: the failures are the answer
+        BatchResult(failed=failed).raise_if_failed("evaluated")
     if without_spect:
         warn(f"{len(without_spect)} patient(s) have no SPECT; CT-based metrics only: {', '.join(without_spect)}")
     summary = summarise(rows, s.thresholds_gy)
-    summary.update(missing_prediction=missing, without_spect=without_spect)
-    return {"rows": rows, "summary": summary, "dvh": curves}
+    summary.update(missing_prediction=missing, without_spect=without_spect,
+                   failed=[{"patient_id": f.patient, "error": f.message, "file": f.path} for f in failed])
+    return {"rows": rows, "summary": summary, "dvh": curves, "failed": failed}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -747,5 +758,5 @@ def write_flart(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], o
     lead = [c for c in ("patient_id", "cohort", "institution", "source", "lungs_from", "dose_coverage")
             if any(c in r for r in rows)]
     df = pd.DataFrame(list(rows), columns=lead + metric_columns(rows, thresholds_gy))
-    return {"csv": _write_atomic(out / "flart.csv", df.to_csv(index=False, float_format="%.6g")),
-            "summary": _write_atomic(out / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")}
+    return {"csv": atomic_write(out / "flart.csv", df.to_csv(index=False, float_format="%.6g")),
+            "summary": atomic_write(out / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")}
