@@ -286,7 +286,7 @@ def select_config(root: str | Path, *, explicit: dict | None = None, hashes: Ite
     if not candidates:
         raise CtpmError("no preprocessing config (<hash>.json) in the cache folder; run ctpm-preprocess out=DIR first",
                         path=root)
-    listing = "; ".join(f"{h}: " + ", ".join(f"{k}={v}" for k, v in c.items() if k in ("spacing", "roi_size", "lung_backend"))
+    listing = "; ".join(f"{h}: " + ", ".join(f"{k}={v}" for k, v in c.items() if k in ("spacing", "roi_size", "roi_mode", "lung_backend"))
                         for h, c in sorted(candidates.items()))
     raise CtpmError(f"the cache holds {len(candidates)} preprocessing configs ({listing}); choose one with "
                     "evaluation.<key>=... (e.g. evaluation.roi_size=[64,32,32])", path=root)
