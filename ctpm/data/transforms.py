@@ -17,14 +17,14 @@ Forward, per patient (keys in brackets):
                   to the box of both lungs (a margin of THORAX_MARGIN voxels), FitResized scales it
                   by one factor for all three axes (the largest box that fits roi_size keeping
                   the aspect ratio), SpatialPadd pads the rest of roi_size (zeros: -1000 HU after
-                  the enhancement), no mirror: each lung's size, position and the left/right
-                  balance are in the ROI as they are in the patient.
+                  the enhancement), no mirror: the lungs' shapes, sizes, places in the box and
+                  left/right balance are in the ROI as in the patient, up to that one factor.
 
 The geometric steps record what they did (``MetaTensor.applied_operations``); from that record
 ``ctpm.data.record.LungInverse`` keeps each lung's (or the thorax's) crop box, axis order, mirror,
-padding and ROI size as plain numbers, and ``ctpm.data.record.restore`` / ``to_ct`` take a per-lung prediction back onto
-the evaluation grid and the original CT grid. Intensity steps are not inverted: perfusion maps
-stay standardised (1.0 = normal-functioning lung), as the design card fixes.
+padding and ROI size as plain numbers, and ``ctpm.data.record.restore`` / ``to_ct`` take the ROI
+predictions back onto the evaluation grid and the original CT grid. Intensity steps are not
+inverted: perfusion maps stay standardised (1.0 = normal-functioning lung), as the design card fixes.
 """
 
 from __future__ import annotations
