@@ -5,12 +5,12 @@ Layout under the cache folder (``ctpm-preprocess out=DIR``)::
     DIR/<patient>/lungs.nii.gz           the lungs used (1 right, 2 left) in the CT's geometry, for QA:
                                          a copy of the entry's own, written before the entry is committed
     DIR/<patient>/<config-hash>/          one entry (one record) per preprocessing config
-        ct.npy spect.npy lung.npy mask.npy   per lung (sides, D, H, W) at roi_size
+        ct.npy spect.npy lung.npy mask.npy   per ROI (sides: each lung, or the thorax; D, H, W) at roi_size
         grid_ct.npy grid_spect.npy grid_mask.npy grid_lungs.npy [grid_lobes.npy grid_truth.npy]
                                              the evaluation grid (HU, standardised SPECT, masks, lobes, truth)
         lungs.nii.gz ct_mask.npy             lungs and evaluation mask (bits) on the CT grid
         registration.json registration_qa.png   with register_spect: the SPECT-to-CT transform, QA overlay
-        meta.json                            geometry (grids, per-lung inverse), SPECT percentile, DICOM
+        meta.json                            geometry (grids, each ROI's inverse), SPECT percentile, DICOM
                                              meta, input fingerprint, checksums of every file
     DIR/<config-hash>.json                the config behind a hash (ctpm-evaluate cache=DIR reads it)
 
@@ -285,7 +285,7 @@ def select_config(root: str | Path, *, explicit: dict | None = None, hashes: Ite
     if not candidates:
         raise CtpmError("no preprocessing config (<hash>.json) in the cache folder; run ctpm-preprocess out=DIR first",
                         path=root)
-    listing = "; ".join(f"{h}: " + ", ".join(f"{k}={v}" for k, v in c.items() if k in ("spacing", "roi_size", "lung_backend"))
+    listing = "; ".join(f"{h}: " + ", ".join(f"{k}={v}" for k, v in c.items() if k in ("spacing", "roi_size", "roi_mode", "lung_backend"))
                         for h, c in sorted(candidates.items()))
     raise CtpmError(f"the cache holds {len(candidates)} preprocessing configs ({listing}); choose one with "
                     "evaluation.<key>=... (e.g. evaluation.roi_size=[64,32,32])", path=root)

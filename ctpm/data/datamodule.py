@@ -1,7 +1,8 @@
 """The cohort DataModule: pre-training (all patients of a cohort) or fold k of K (fine-tuning).
 
-Items are single lungs (the network sees one lung at a time, as in the paper); splits are by
-patient, so both lungs of a patient are always on the same side of a split.
+Items are the ROIs of the records: single lungs (preprocessing.roi_mode lung: the network sees one
+lung at a time, as in the paper) or one thorax ROI per patient with both lungs (roi_mode thorax);
+splits are by patient, so both lungs of a patient are always on the same side of a split.
 """
 
 from __future__ import annotations
@@ -103,10 +104,12 @@ def load_or_make_splits(path: Path, patients: list[Patient], cohort: str, n_fold
 
 
 class LungDataset(Dataset):
-    """One item per lung of each patient, read from the patients' records (memory-mapped cache entries).
+    """One item per ROI of each patient (each lung, or the thorax), read from the patients' records
+    (memory-mapped cache entries).
 
     Item: ct, lung (ROI attention mask), mask (evaluation mask: loss and metrics), spect (target,
-    when present), each (1, D, H, W) float32; patient_id and side to put predictions back;
+    when present), each (1, D, H, W) float32; patient_id and side (right, left or thorax) to put
+    predictions back;
     roi_spacing (3,) the ROI's voxel size in mm per axis (for the PSF-aware loss) and spect_fwhm_mm
     the patient's SPECT resolution from ``fwhm`` (NaN where unknown).
     """
@@ -242,7 +245,7 @@ class PatientDistributedSampler(DistributedSampler):
 
 
 class CohortDataModule(pl.LightningDataModule):
-    """One cohort of a manifest, served per lung from the preprocessing cache.
+    """One cohort of a manifest, served per ROI (lung or thorax) from the preprocessing cache.
 
     mode="pretrain": every patient of the cohort, a seeded `val_fraction` held out for validation.
     mode="fold": fold `fold` of `n_folds` (stratified by institution, persisted in splits.json beside

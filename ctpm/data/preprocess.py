@@ -44,12 +44,12 @@ def preprocess_patient(patient: Patient | dict, cfg: PreprocessConfig | dict | N
     ct_grid_img = d["ct"]
     ct_grid = _original_grid(ct_grid_img)
     keys = ["ct", "mask"] + (["spect"] if with_spect else [])
-    if cfg.context_channels:  # on the evaluation grid, before the per-lung crop
+    if cfg.context_channels:  # on the evaluation grid, before the ROI crop
         lungs = d["lungs"]
         ctx = context_maps(np.rint(lungs[0].numpy()), Grid.of(ct_grid_img).spacing, list(cfg.context_channels))
         d["ctx"] = _like(lungs, torch.from_numpy(ctx))
         keys.append("ctx")
-    d = SplitLungsd(keys)(d)
+    d = SplitLungsd(keys, roi_mode=cfg.roi_mode)(d)
     sides = list(d["sides"])
     if not sides:
         raise CtpmError("no lung left after segmentation", patient=pid)

@@ -4,15 +4,16 @@
 whether ``preprocess_patient`` just computed it (in memory) or ``PreprocessCache.load`` read it
 (memory-mapped). It holds
 
-- the per-lung ROIs at roi_size (ct, spect, lung, mask), what the network sees;
+- the ROIs at roi_size (ct, spect, lung, mask), what the network sees: one per lung ("right",
+  "left"; preprocessing.roi_mode lung, the paper's) or one of both lungs ("thorax"; roi_mode thorax);
 - the evaluation grid (the isotropic grid of the CT cropped to the lungs) and the images on it:
   CT (HU), standardised SPECT, evaluation mask, lungs (1 right, 2 left) and, when the manifest
   has them, the lobes (nearest) and the synthetic truth perfusion (linear);
 - the CT grid (affine, shape) with the lungs used on it;
-- the per-lung inverse (``LungInverse``): the crop box on the evaluation grid, the axis order,
-  the mirror and the ROI size, as plain numbers, as nnU-Net keeps its crop box.
+- the inverse of each ROI (``LungInverse``): the crop box on the evaluation grid, the axis order,
+  the mirror, the padding (thorax) and the ROI size, as plain numbers, as nnU-Net keeps its crop box.
 
-``restore`` takes per-lung ROI maps back onto the evaluation grid and ``to_ct`` from there onto
+``restore`` takes the ROI maps back onto the evaluation grid and ``to_ct`` from there onto
 the CT grid; the training's prediction writer, ``ctpm-predict``, the roundtrip check and the
 evaluation all call them.
 """
@@ -30,7 +31,8 @@ from ctpm.data.lungs import LEFT, RIGHT
 from ctpm.errors import CtpmError, warn
 from ctpm.geometry import Grid, coverage, resample, resample_masked
 
-SIDE_LABELS = {"right": RIGHT, "left": LEFT}
+# the lung labels each ROI ("side") holds: one lung each, or both in the thorax's ROI
+SIDE_LABELS = {"right": (RIGHT,), "left": (LEFT,), "thorax": (RIGHT, LEFT)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -40,12 +42,15 @@ SIDE_LABELS = {"right": RIGHT, "left": LEFT}
 
 @dataclass(frozen=True)
 class LungInverse:
-    """How one lung's ROI was cut from the evaluation grid (``transforms.lung_stage``).
+    """How one lung's ROI (or the thorax's) was cut from the evaluation grid (``transforms.lung_stage``).
 
     start, stop: the crop box on the evaluation grid (indices, stop exclusive); grid_shape: that
     grid's shape; transpose: ROI axis a holds evaluation-grid axis ``transpose[a]``; roi_size: the
     ROI's shape; flip: ROI axes mirrored after the resize (the left lung's left-right axis);
-    mode: the interpolation that takes the ROI back to the box (the CT's, trilinear).
+    mode: the interpolation that takes the ROI back to the box (the CT's, trilinear);
+    fitted, offset: the thorax's ROI (roi_mode thorax): the box was resized to ``fitted`` (one
+    scale factor for all axes) and padded into roi_size, starting at ``offset`` along each ROI
+    axis; a lung's ROI is the resized box itself (fitted None: roi_size, offset 0).
     """
 
     start: tuple[int, int, int]
@@ -55,11 +60,13 @@ class LungInverse:
     roi_size: tuple[int, int, int]
     flip: tuple[int, ...] = ()
     mode: str = "trilinear"
+    fitted: tuple[int, int, int] | None = None
+    offset: tuple[int, int, int] = (0, 0, 0)
 
     @classmethod
     def from_operations(cls, ops: Sequence[Mapping], roi_size: Sequence[int]) -> LungInverse:
-        """Read from what MONAI's CropForegroundd, Transposed, Resized and Flipd recorded
-        (``MetaTensor.applied_operations`` of a lung-stage image at ``roi_size``)."""
+        """Read from what MONAI's CropForegroundd, Transposed, Resized, Flipd and SpatialPadd
+        recorded (``MetaTensor.applied_operations`` of a lung-stage image at ``roi_size``)."""
         from monai.utils import TraceKeys
 
         by_name = {str(op[TraceKeys.CLASS_NAME]): op for op in ops}
@@ -78,33 +85,50 @@ class LungInverse:
         if "Flip" in by_name:
             axes = by_name["Flip"][TraceKeys.EXTRA_INFO]["axes"]
             flip = tuple(int(a) for a in (axes if isinstance(axes, (list, tuple)) else [axes]))
+        fitted, offset = None, (0, 0, 0)
+        if "SpatialPad" in by_name:  # the thorax: resized to fit, then padded to roi_size
+            pad = by_name["SpatialPad"]
+            fitted = tuple(int(v) for v in pad[TraceKeys.ORIG_SIZE])
+            offset = tuple(int(before) for before, _ in pad[TraceKeys.EXTRA_INFO]["padded"][1:])  # channel first
         return cls(start, stop, grid_shape, transpose, tuple(int(v) for v in roi_size), flip,
-                   str(rs[TraceKeys.EXTRA_INFO]["mode"]))
+                   str(rs[TraceKeys.EXTRA_INFO]["mode"]), fitted, offset)  # type: ignore[arg-type]
 
     @property
     def box_shape(self) -> tuple[int, int, int]:
         return tuple(int(b - a) for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
 
+    @property
+    def resized_shape(self) -> tuple[int, int, int]:
+        """The shape (ROI axes) the box was resized to: roi_size, or the thorax's fitted size."""
+        return self.fitted if self.fitted is not None else self.roi_size
+
     def roi_spacing(self, grid_spacing: Sequence[float]) -> tuple[float, float, float]:
         """The ROI's voxel size in mm along its own axes, given the evaluation grid's spacing: the
-        resize to roi_size stretches every axis by its own factor (box / roi_size)."""
-        return tuple(float(grid_spacing[g]) * self.box_shape[g] / self.roi_size[a]  # type: ignore[return-value]
+        resize to roi_size stretches every axis by its own factor (box / roi_size); the thorax's
+        by one factor (box / fitted, equal on every axis up to the rounding of fitted)."""
+        return tuple(float(grid_spacing[g]) * self.box_shape[g] / self.resized_shape[a]  # type: ignore[return-value]
                      for a, g in enumerate(self.transpose))
 
     def to_json(self) -> dict:
-        return {"start": list(self.start), "stop": list(self.stop), "grid_shape": list(self.grid_shape),
-                "transpose": list(self.transpose), "roi_size": list(self.roi_size), "flip": list(self.flip),
-                "mode": self.mode}
+        out = {"start": list(self.start), "stop": list(self.stop), "grid_shape": list(self.grid_shape),
+               "transpose": list(self.transpose), "roi_size": list(self.roi_size), "flip": list(self.flip),
+               "mode": self.mode}
+        if self.fitted is not None:  # the thorax's ROI only: a lung's entry reads as it always has
+            out.update(fitted=list(self.fitted), offset=list(self.offset))
+        return out
 
     @classmethod
     def from_json(cls, d: Mapping) -> LungInverse:
         t = lambda k: tuple(int(v) for v in d[k])  # noqa: E731
-        return cls(t("start"), t("stop"), t("grid_shape"), t("transpose"), t("roi_size"), t("flip"), str(d["mode"]))
+        fitted = t("fitted") if d.get("fitted") is not None else None
+        offset = t("offset") if "offset" in d else (0, 0, 0)
+        return cls(t("start"), t("stop"), t("grid_shape"), t("transpose"), t("roi_size"), t("flip"), str(d["mode"]),
+                   fitted, offset)  # type: ignore[arg-type]
 
     def to_box(self, roi: np.ndarray) -> np.ndarray:
         """A map at roi_size -> the same map on the crop box (evaluation-grid axes): the mirror
-        undone, resized back to the box with the forward's interpolation (MONAI's Resize, as its
-        own inverse does), axes put back."""
+        undone, the thorax's padding cut off, resized back to the box with the forward's
+        interpolation (MONAI's Resize, as its own inverse does), axes put back."""
         import torch
         from monai.transforms import Resize
 
@@ -115,6 +139,8 @@ class LungInverse:
             raise ValueError(f"ROI map of shape {arr.shape}, the preprocessing made {self.roi_size}")
         if self.flip:
             arr = np.flip(arr, axis=self.flip)
+        if self.fitted is not None:
+            arr = arr[tuple(slice(o, o + n) for o, n in zip(self.offset, self.fitted))]
         in_roi_order = tuple(self.box_shape[a] for a in self.transpose)
         back = Resize(spatial_size=in_roi_order, mode=self.mode)(torch.from_numpy(np.ascontiguousarray(arr))[None])
         back = np.asarray(back.numpy() if hasattr(back, "numpy") else back)[0]
@@ -122,19 +148,20 @@ class LungInverse:
 
 
 def restore(roi_maps: Mapping[str, np.ndarray], record: PatientRecord) -> np.ndarray:
-    """Per-lung maps at roi_size ({"right": ..., "left": ...}) -> one map on the evaluation grid.
-    Each voxel of a lung takes its own lung's prediction; voxels outside the lungs are 0."""
+    """ROI maps at roi_size ({"right": ..., "left": ...}, or {"thorax": ...}) -> one map on the
+    evaluation grid. Each voxel of a lung takes the prediction of its own ROI (its lung's, or the
+    thorax's); voxels outside the lungs are 0."""
     lungs = np.asarray(record.grid_lungs)
     out = np.zeros(lungs.shape, np.float32)
-    for side, value in SIDE_LABELS.items():
-        if side not in roi_maps:
-            continue
+    for side, roi in roi_maps.items():
+        if side not in SIDE_LABELS:
+            raise ValueError(f"unknown ROI {side!r} (known: {', '.join(SIDE_LABELS)})")
         inv = record.inverse[side]
         if tuple(inv.grid_shape) != lungs.shape:
             raise ValueError(f"inverse made for a grid of {inv.grid_shape}, the evaluation grid is {lungs.shape}")
         box = tuple(slice(a, b) for a, b in zip(inv.start, inv.stop))
-        sel = lungs[box] == value
-        out[box][sel] = inv.to_box(roi_maps[side])[sel]
+        sel = np.isin(lungs[box], SIDE_LABELS[side])
+        out[box][sel] = inv.to_box(roi)[sel]
     return out
 
 
@@ -242,7 +269,7 @@ class PatientRecord:
 
     patient_id: str
     sides: list[str]
-    # per lung, stacked over `sides`, at roi_size
+    # per ROI (each lung, or the thorax), stacked over `sides`, at roi_size
     ct: np.ndarray  # CT enhanced to [0, 1]
     lung: np.ndarray  # the lung (uint8), the network's attention mask
     mask: np.ndarray  # the evaluation mask within the lung (uint8)

@@ -13,12 +13,18 @@ Forward, per patient (keys in brackets):
     lung stage    SplitLungsd -> per side s: CropForegroundd to lung s -> Transposed to (z, y, x)
                   ->  Resized to roi_size (128 x 64 x 64)  ->  Flipd (left lung mirrored, optional)
                   ->  ScaleIntensityRanged (CT enhancement: HU window -> [0, 1])
+    roi_mode thorax  the same stage with one "side", ``thorax``: both lungs in one ROI. The crop is
+                  to the box of both lungs (a margin of THORAX_MARGIN voxels), FitResized scales it
+                  by one factor for all three axes (the largest box that fits roi_size keeping
+                  the aspect ratio), SpatialPadd pads the rest of roi_size (zeros: -1000 HU after
+                  the enhancement), no mirror: the lungs' shapes, sizes, places in the box and
+                  left/right balance are in the ROI as in the patient, up to that one factor.
 
 The geometric steps record what they did (``MetaTensor.applied_operations``); from that record
-``ctpm.data.record.LungInverse`` keeps each lung's crop box, axis order, mirror and ROI size as
-plain numbers, and ``ctpm.data.record.restore`` / ``to_ct`` take a per-lung prediction back onto
-the evaluation grid and the original CT grid. Intensity steps are not inverted: perfusion maps
-stay standardised (1.0 = normal-functioning lung), as the design card fixes.
+``ctpm.data.record.LungInverse`` keeps each lung's (or the thorax's) crop box, axis order, mirror,
+padding and ROI size as plain numbers, and ``ctpm.data.record.restore`` / ``to_ct`` take the ROI
+predictions back onto the evaluation grid and the original CT grid. Intensity steps are not
+inverted: perfusion maps stay standardised (1.0 = normal-functioning lung), as the design card fixes.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from monai.transforms import (
     Resized,
     ScaleIntensityRanged,
     Spacingd,
+    SpatialPadd,
     Transposed,
 )
 
@@ -50,6 +57,10 @@ from ctpm.errors import CtpmError, warn
 from ctpm.geometry import Grid, footprint
 
 SIDES = {"right": RIGHT, "left": LEFT}
+# preprocessing.roi_mode: the ROIs ("sides") each mode cuts, and the lung labels each ROI holds
+ROI_MODES = {"lung": {"right": (RIGHT,), "left": (LEFT,)}, "thorax": {"thorax": (RIGHT, LEFT)}}
+THORAX = "thorax"
+THORAX_MARGIN = 2  # voxels of the evaluation grid around both lungs (interpolation support)
 
 
 @dataclass
@@ -57,7 +68,7 @@ class PreprocessConfig:
     """The preprocessing parameters; their hash keys the cache."""
 
     spacing: Sequence[float] = (1.0, 1.0, 1.0)  # mm, the evaluation grid of the paper
-    roi_size: Sequence[int] = (128, 64, 64)  # per lung, (superior-inferior, anterior-posterior, left-right)
+    roi_size: Sequence[int] = (128, 64, 64)  # per ROI, (superior-inferior, anterior-posterior, left-right)
     hu_window: Sequence[float] = (-1000.0, 0.0)  # CT enhancement: this HU window -> [0, 1]
     eval_hu_range: Sequence[float] = (-1000.0, -300.0)  # the evaluation mask (tumour and vessels out)
     spect_percentile: float = 75.0  # SPECT standardisation: divide by this percentile in the mask ...
@@ -69,6 +80,11 @@ class PreprocessConfig:
     register_spect: str = "none"  # none | rigid | affine: SPECT-to-CT registration (ctpm.data.registration)
     registration: dict = field(default_factory=dict)  # RegistrationSettings overrides
     context_channels: Sequence[str] = ()  # extra ROI channels of CONTEXT_CHANNELS (see context_maps)
+    roi_mode: str = "lung"  # lung: one ROI per lung (the paper's) | thorax: both lungs in one ROI, aspect kept
+
+    def __post_init__(self) -> None:
+        if self.roi_mode not in ROI_MODES:
+            raise CtpmError(f"preprocessing.roi_mode must be one of {', '.join(ROI_MODES)}, not {self.roi_mode!r}")
 
     @classmethod
     def from_any(cls, cfg: Any) -> PreprocessConfig:
@@ -106,6 +122,8 @@ class PreprocessConfig:
                if self.register_spect != "none" else {}),
             # only when asked for: the caches built without context channels keep their hash
             **({"context_channels": [str(c) for c in self.context_channels]} if self.context_channels else {}),
+            # only when not the paper's per-lung ROI: the caches built before roi_mode keep their hash
+            **({"roi_mode": self.roi_mode} if self.roi_mode != "lung" else {}),
         }
 
 
@@ -327,19 +345,23 @@ class StandardiseSpectd(MapTransform):
 
 
 class SplitLungsd(MapTransform):
-    """Copy every image into one key per lung (``ct_right``, ``ct_left``, ...); the lung keys hold
-    that lung only. Sides without a lung (pneumonectomy) are left out."""
+    """Copy every image into one key per ROI of `roi_mode` (``ct_right``, ``ct_left``, ... or
+    ``ct_thorax``); the lung keys hold the lung(s) of that ROI only (the thorax: both) and the
+    evaluation mask is cut to them. Sides without a lung (pneumonectomy) are left out."""
 
-    def __init__(self, keys: Sequence[str], lungs_key: str = "lungs"):
+    def __init__(self, keys: Sequence[str], lungs_key: str = "lungs", roi_mode: str = "lung"):
         super().__init__(list(keys), allow_missing_keys=True)
         self.lungs_key = lungs_key
+        self.groups = ROI_MODES[roi_mode]
 
     def __call__(self, data):
         d = dict(data)
         lungs = d[self.lungs_key]
         d["sides"] = []
-        for side, value in SIDES.items():
-            m = (lungs == value).float()
+        for side, values in self.groups.items():
+            m = (lungs == values[0]).float()
+            for v in values[1:]:
+                m = m + (lungs == v).float()
             if not bool(m.any()):
                 continue
             d["sides"].append(side)
@@ -402,7 +424,8 @@ CONTEXT_CHANNELS = ("height", "posterior", "pleura", "side")
 def context_maps(lungs: np.ndarray, spacing: Sequence[float], names: Sequence[str]) -> np.ndarray:
     """Context channels of the whole thorax on the evaluation grid (RAS axes: i to the right,
     j anterior, k superior), computed before the per-lung crop, so that every lung's ROI carries
-    where it lies in the patient (the crop and resize to roi_size hide that).
+    where it lies in the patient (the crop and resize to roi_size hide that). In roi_mode thorax
+    they are cut with the thorax's ROI alike (``side`` then tells the two lungs of the one ROI apart).
 
     - ``height``: (k - k_min) / (k_max - k_min) over both lungs: 0 at the lowest lung voxel, 1 at
       the apex;
@@ -444,24 +467,56 @@ def context_maps(lungs: np.ndarray, spacing: Sequence[float], names: Sequence[st
     return np.stack(out)
 
 
+def fit_size(shape: Sequence[int], into: Sequence[int]) -> tuple[int, ...]:
+    """The largest shape of `shape`'s aspect ratio that fits `into`: every axis scaled by one
+    factor, min(into / shape), and rounded (at least 1, at most `into`)."""
+    scale = min(float(n) / float(s) for s, n in zip(shape, into))
+    return tuple(min(int(n), max(1, int(round(float(s) * scale)))) for s, n in zip(shape, into))
+
+
+class FitResized(Resized):
+    """MONAI's Resized to the largest size that fits `spatial_size` keeping the aspect ratio (one
+    scale factor for all axes, ``fit_size``), from `ref_key`'s spatial shape at call time; the rest
+    of `spatial_size` is for a SpatialPadd after it. MONAI records the operation as a Resize (the
+    size it made), so its inverse (and Invertd) is Resized's."""
+
+    def __init__(self, keys, spatial_size: Sequence[int], ref_key: str, **kwargs):
+        super().__init__(keys, spatial_size=tuple(int(v) for v in spatial_size), **kwargs)
+        self.fit_into = tuple(int(v) for v in spatial_size)
+        self.ref_key = ref_key
+
+    def __call__(self, data, lazy: bool | None = None):
+        self.resizer.spatial_size = fit_size(data[self.ref_key].shape[1:], self.fit_into)
+        return super().__call__(data, lazy)
+
+
 def lung_stage(cfg: PreprocessConfig, side: str, keys: Sequence[str]) -> Compose:
-    """One lung: crop to its box, (z, y, x) order, resize to roi_size, mirror the left lung."""
+    """One ROI: crop to its box, (z, y, x) order, resize to roi_size, mirror the left lung. The
+    thorax (roi_mode thorax): the box of both lungs with THORAX_MARGIN, resized by one factor for
+    every axis to fit roi_size, padded to it, never mirrored."""
+    thorax = side == THORAX
     ks = [f"{k}_{side}" for k in keys] + [f"lung_{side}"]
     # CT: trilinear with anti-aliasing (its record is what the inverse replays, so it must be a
     # smooth interpolator); SPECT: area averaging, the natural downsampling of counts; masks: nearest.
     # Context channels (ctx_): smooth maps, trilinear.
     modes = ["trilinear" if k.startswith(("ct_", "ctx_")) else "area" if k.startswith("spect_") else "nearest"
              for k in ks]
+    roi = tuple(int(v) for v in cfg.roi_size)
+    resize = dict(keys=ks, mode=modes, anti_aliasing=[m == "trilinear" for m in modes], allow_missing_keys=True)
     t: list = [
-        CropForegroundd(keys=ks, source_key=f"lung_{side}", margin=0, allow_missing_keys=True),
+        CropForegroundd(keys=ks, source_key=f"lung_{side}", allow_missing_keys=True,
+                        # the thorax's margin stops at the evaluation grid's edge (no padding to invert)
+                        **({"margin": THORAX_MARGIN, "allow_smaller": True} if thorax else {"margin": 0})),
         # channel, x, y, z -> channel, z, y, x: the network sees (superior-inferior, A-P, L-R)
         Transposed(keys=ks, indices=(0, 3, 2, 1), allow_missing_keys=True),
-        Resized(keys=ks, spatial_size=tuple(int(v) for v in cfg.roi_size), mode=modes,
-                anti_aliasing=[m == "trilinear" for m in modes], allow_missing_keys=True),
+        FitResized(spatial_size=roi, ref_key=f"lung_{side}", **resize) if thorax else
+        Resized(spatial_size=roi, **resize),
     ]
     if side == "left" and cfg.mirror_left:
         t.append(Flipd(keys=ks, spatial_axis=2, allow_missing_keys=True))  # L-R mirror
     if "ct" in keys:
         lo, hi = cfg.hu_window
         t.append(ScaleIntensityRanged(keys=[f"ct_{side}"], a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+    if thorax:  # after the enhancement: the CT's padding reads as air (0)
+        t.append(SpatialPadd(keys=ks, spatial_size=roi, method="symmetric", mode="constant", allow_missing_keys=True))
     return Compose(t)

@@ -14,11 +14,11 @@ from ctpm.data.record import PatientRecord, restore, to_ct
 
 
 class PerfusionWriter(BasePredictionWriter):
-    """Writes each predicted patient as ``<output_dir>/<patient_id>.nii.gz``: both lungs put back
-    through the inverse of the preprocessing onto the original CT grid (float32, standardised
-    perfusion), as ``ctpm-predict`` does, ready for ``ctpm-evaluate``. Under DDP each process
-    holds whole patients (``PatientDistributedSampler``), so every map is written once, by the
-    process that predicted both lungs."""
+    """Writes each predicted patient as ``<output_dir>/<patient_id>.nii.gz``: its ROIs (both lungs,
+    or the one thorax ROI) put back through the inverse of the preprocessing onto the original CT
+    grid (float32, standardised perfusion), as ``ctpm-predict`` does, ready for ``ctpm-evaluate``.
+    Under DDP each process holds whole patients (``PatientDistributedSampler``), so every map is
+    written once, by the process that predicted all of its ROIs."""
 
     def __init__(self, output_dir: str):
         super().__init__(write_interval="batch")
@@ -50,8 +50,8 @@ class PerfusionWriter(BasePredictionWriter):
 
 
 def write_patient_map(record: PatientRecord, roi: dict[str, np.ndarray], path: Path) -> Path:
-    """Per-lung ROI predictions of a patient -> perfusion map in CT geometry on disk (inside the
-    lungs the preprocessing used)."""
+    """ROI predictions of a patient ({side: map}: each lung's, or the thorax's) -> perfusion map in
+    CT geometry on disk (inside the lungs the preprocessing used)."""
     return save_nifti(to_ct(restore(roi, record), record), record.ct_grid.affine, path, dtype=np.float32,
                       description=DESCRIPTIONS["perfusion"], patient=record.patient_id)
 

@@ -143,10 +143,12 @@ class CTPMModule(pl.LightningModule):
     (and the terms below) compare the prediction blurred by the patient's SPECT point spread
     function with the SPECT. The PSF is a Gaussian of FWHM ``batch["spect_fwhm_mm"]`` (the
     manifest's ``spect_fwhm_mm``; where unknown, ``psf.fwhm_mm``), converted to ROI voxels with
-    ``batch["roi_spacing"]`` (the ROI's voxel size differs per axis because of the resize).
+    ``batch["roi_spacing"]`` (a lung's ROI voxel size differs per axis because of the resize; the
+    thorax's, roi_mode thorax, is the same on every axis).
     Metrics and predictions stay the unblurred map. ``{enabled: bool, fwhm_mm: float | null}``.
-    correlation_weight: adds ``w * (1 - Pearson r)`` over each lung's masked voxels.
-    mean_weight: adds ``w * (mean(pred) - mean(target))**2`` over each lung's mask (the lung's
+    correlation_weight: adds ``w * (1 - Pearson r)`` over each ROI's masked voxels (a lung's, or
+    both lungs' in the thorax's ROI).
+    mean_weight: adds ``w * (mean(pred) - mean(target))**2`` over each ROI's mask (the lung's
     density level, which a per-lung standardisation would otherwise leave unconstrained).
     """
 

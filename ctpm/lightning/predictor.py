@@ -88,7 +88,8 @@ class Predictor:
 
     @torch.no_grad()
     def roi_maps(self, pre: PatientRecord) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-        """Mean and SD over models (and the left-right flip) of each lung's ROI prediction."""
+        """Mean and SD over models (and the left-right flip) of each ROI's prediction (each lung's,
+        or the thorax's)."""
         # the enhanced CT and the context channels the preprocessing made: what training gave the network
         ct = torch.from_numpy(pre.network_input()).to(self.device)
         lung = torch.from_numpy(pre.lung[:, None].astype(np.float32)).to(self.device)
