@@ -3,7 +3,8 @@ perfusion, dose), per preset and institution.
 
 Targets per patient, files included: ``small`` < 7 s (the demo's 48 patients within 3 minutes on
 2 workers), ``clinical`` < 60 s; for both SPECT models (``projection``: pytomography, the default;
-``image``: the fast Gaussian one). The reference is the writing alone (compressed NIfTI), the part
+``image``: the fast Gaussian one; the projection model with the config's scatter and TEW
+correction, which add one convolution of the projections). The reference is the writing alone (compressed NIfTI), the part
 no phantom generator can avoid.
 
 Also the helpers the other benchmarks use to get a synthetic patient on disk.

@@ -13,6 +13,7 @@ from ctpm.data.io import atomic_write, save_nifti
 from ctpm.data.manifest import write_manifest
 from ctpm.errors import CtpmError
 from ctpm.synth.patient import PatientData, make_patient
+from ctpm.synth.spect import Scatter
 
 
 def cohort_plan(n_noncancer: int, n_cancer: int, cancer_institutions: dict[str, float]) -> list[tuple[str, str, str]]:
@@ -91,6 +92,8 @@ def synthesise(
         raise CtpmError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
     if n_noncancer < 0 or n_cancer < 0 or n_noncancer + n_cancer == 0:
         raise CtpmError("ask for at least one patient (n_noncancer, n_cancer >= 0)")
+    for cam in physics["spect"]["camera"].values():  # bad scatter settings: before the first patient
+        Scatter.from_config(physics["spect"], cam)
     out = Path(out)
     manifest = out / "manifest.csv"
     if manifest.exists() and not overwrite:

@@ -185,6 +185,9 @@ def make_patient(
         "rotation_centre_mm": (PHANTOM_TO_RAS[:3, :3] @ np.asarray(sp.misregistration["centre_mm"])).round(4).tolist(),
         "maa_clumps": sp.clumps, "breathing_mm": round(sp.breathing_mm, 3),
     }
+    if sp.scatter is not None:  # (absent: no scatter in the projections)
+        spect_info["scatter"] = {"fraction": sp.scatter.fraction, "kernel": sp.scatter.kernel,
+                                 "fwhm_mm": sp.scatter.fwhm_mm, "correction": sp.scatter.correction}
 
     # storage orientations differ by institution (as scanners and converters do)
     ct_flips = (True, True, False) if institution == "A" else (False, True, True)
