@@ -479,6 +479,21 @@ def test_flart_cohort_with_one_bad_dose_still_gives_the_others(tiny_cohort, one_
     assert json.loads((out / "summary.json").read_text())["failed"][0]["patient_id"] == "LC-B-001"
 
 
+def test_flart_refuses_another_patients_map_in_a_cohort(one_prediction, tmp_path, capsys):
+    from ctpm.cli.flart import main
+
+    manifest, preds = one_prediction
+    swapped = tmp_path / "pred"
+    swapped.mkdir()
+    shutil.copy(preds / "LC-A-001.nii.gz", swapped / "LC-A-001.nii.gz")
+    shutil.copy(preds / "LC-A-001.nii.gz", swapped / "LC-B-001.nii.gz")
+    code, _, err = cli(main, f"manifest={manifest}", f"predictions={swapped}", f"out={tmp_path / 'f'}",
+                       "progress=false", capsys=capsys)
+    line = one_line_error(err, "ctpm-flart")
+    assert code == 2 and "LC-B-001" in line and "another patient" in line
+    assert "LC-A-001" in (tmp_path / "f" / "flart.csv").read_text()
+
+
 def test_flart_lobes_off_the_lungs(one_prediction, tmp_path, capsys):
     from ctpm.cli.flart import main
 

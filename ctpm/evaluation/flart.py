@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from ctpm.batch import BatchResult, Failure
-from ctpm.data.io import DESCRIPTIONS, Volume, atomic_write, load_image
+from ctpm.data.io import DESCRIPTIONS, Volume, atomic_write, check_patient_tag, load_image
 from ctpm.data.lungs import LEFT, RIGHT
 from ctpm.data.manifest import Manifest
 from ctpm.data.transforms import standardise_spect
@@ -675,6 +675,7 @@ def flart_cohort(manifest: Manifest, predictions: Any, *, lungs: str | Path | No
             dose_gy, coverage = dose_at(regions, load_dose(p.dose, patient=pid, unit=s.dose_unit), patient=pid,
                                         min_coverage=s.min_dose_coverage)
             ct_map = load_image(found[pid], kind="perfusion", patient=pid)
+            check_patient_tag(ct_map, pid, found[pid])  # not another patient's map under this name
             maps = {"ct": perfusion_at(regions, ct_map, kind="prediction", patient=pid,
                                        min_coverage=s.min_perfusion_coverage)}
             if p.spect is not None:
