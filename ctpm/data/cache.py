@@ -95,7 +95,7 @@ class PreprocessCache:
     def write(self, rec: PatientRecord, patient: Patient | None = None) -> Path:
         """Write one record as an entry, in one commit (see the module docstring)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        _write_text(self.root / f"{self.key}.json", json.dumps(self.cfg.to_dict(), indent=1))
+        atomic_write(self.root / f"{self.key}.json", json.dumps(self.cfg.to_dict(), indent=1))
         final = self.entry_dir(rec.patient_id)
         with atomic_directory(final) as tmp:
             for name in ROI_ARRAYS + GRID_ARRAYS:
@@ -312,6 +312,3 @@ def _crc(path: Path) -> int:
             c = zlib.crc32(chunk, c)
     return c
 
-
-def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, text)
