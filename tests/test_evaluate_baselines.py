@@ -48,12 +48,16 @@ def test_every_set_and_column(evaluated):
         assert [r["n_voxels_interior"] for r in rows[name]] == [r["n_voxels_interior"] for r in rows["model"]]
         assert [r["n_defects"] for r in rows[name]] == [r["n_defects"] for r in rows["model"]]
     # the truth seen through the PSF is closer to the SPECT than the unblurred truth
-    psf = np.mean([r["spearman_r"] for r in rows["truth_psf"]])
+    psf_rows = [r["spearman_r"] for r in rows["truth_psf"]]
+    psf = np.mean(psf_rows)
     assert psf > np.mean([r["spearman_r"] for r in rows["truth"]])
     # what CT can know (the CT-visible oracle through the PSF) cannot beat the whole truth through it
     oracle = [r["spearman_r"] for r in rows["oracle_psf"]]
     assert np.mean(oracle) <= psf + 1e-6
     assert [r["ceiling_oracle_r"] for r in rows["model"]] == oracle
+    # the report's noise-ceiling line and the table's truth row are one number
+    assert [r["ceiling_r"] for r in rows["model"]] == [r["spearman_r"] for r in rows["truth"]]
+    assert [r["ceiling_psf_r"] for r in rows["model"]] == psf_rows
     assert np.mean([r["spearman_r"] for r in rows["geometry"]]) > 0.2  # the lungs' outline alone correlates
     assert result["density_fit"] == "noncancer cohort" and result["spect_fwhm"]["default_mm"] == 13.0
 
