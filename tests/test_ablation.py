@@ -66,3 +66,51 @@ def test_the_thorax_variant_has_its_own_entries_in_the_shared_cache(tmp_path):
 def test_an_unknown_variant_is_refused():
     with pytest.raises(CtpmError, match="unknown ablation variant"):
         from_config(ablation_cfg("variants=[paper,bigger]"))
+
+
+def _summary(interior_margin: float, lobe_margins: list[float], sens: float, prec: float,
+             ft_pt: tuple[float, float, float], r: float = 0.8) -> dict:
+    """The parts of a ctpm-evaluate summary.json the ablation table reads, with given numbers."""
+    ci = lambda e, lo=None, hi=None: {"estimate": e, "low": e - 0.05 if lo is None else lo,  # noqa: E731
+                                      "high": e + 0.05 if hi is None else hi}
+    lobes = ("LUL", "LLL", "RUL", "RML", "RLL")
+    metrics = {"spearman_r": {"ci": ci(r)}, "spearman_r_interior": {"ci": ci(0.5)}, "dice_high": {"ci": ci(0.85)},
+               "dice_low": {"ci": ci(0.8)}, "defect_sensitivity": {"ci": ci(sens)},
+               "defect_precision": {"ci": ci(prec)}}
+    return {"sets": {"model": {"summary": {"metrics": metrics}, "mean_lobe_r": ci(0.3),
+                               "lobes": {k: {"pearson_r": 0.5, "pearson_ci_low": 0.1, "pearson_ci_high": 0.8} for k in lobes}},
+                     "density": {"lobes": {k: {"pearson_r": 0.5 - m} for k, m in zip(lobes, lobe_margins)}}},
+            "headline": {"metrics": {"spearman_r": {"margin": ci(0.07)},
+                                     "spearman_r_interior": {"margin": ci(interior_margin)}}},
+            "lobe_margins": {"model_vs_density": {k: ci(m, m - 0.1, m + 0.1) for k, m in zip(lobes, lobe_margins)}},
+            "paired": {"model_vs_baseline": {"spearman_r": {"ci": ci(*ft_pt), "wilcoxon_p": 0.01}}},
+            "defects": {"model": {"pooled_sensitivity": sens, "pooled_precision": prec}}}
+
+
+def test_the_table_states_each_target_and_the_mean_across_seeds(tmp_path):
+    """Targets are judged on the point estimates (intervals printed beside them); lobes above the
+    density baseline are counted, and those whose interval shows it; seeds are averaged."""
+    import json
+
+    import numpy as np
+
+    from ctpm.ablation import Ablation, write_table
+
+    good = _summary(0.30, [0.2, 0.05, 0.3, 0.4, 0.5], 0.75, 0.72, (0.02, 0.01, 0.03), r=0.82)
+    poor = _summary(0.10, [0.2, -0.3, 0.3, 0.4, 0.5], 0.75, 0.65, (0.02, -0.01, 0.05), r=0.78)
+    for seed, (paper, best) in enumerate([(poor, good), (poor, poor)]):
+        for name, summary in (("paper", paper), ("best", best)):
+            (tmp_path / f"seed{seed}" / name).mkdir(parents=True)
+            (tmp_path / f"seed{seed}" / name / "summary.json").write_text(json.dumps(summary))
+    text = write_table(Ablation(tmp_path, {"paper": [], "best": [], "never": []}, seeds=[0, 1])).read_text()
+    lines = text.splitlines()
+    assert "| 0 | best | yes | yes | yes | yes |" in lines
+    assert "| 0 | paper | no | no | no | no |" in lines
+    assert any(line.startswith("| 0 | best |") and "5 of 5 (4 shown)" in line for line in lines)  # 0.05 - 0.1 < 0
+    assert any(line.startswith("| 1 | paper |") and "4 of 5 (4 shown)" in line for line in lines)
+    assert "| 0 | never | not run |" in text
+    # mean ± SD across the seeds of each point estimate (best: R 0.82 and 0.78)
+    row = next(line for line in lines if line.startswith("| best | 2 |"))
+    r = np.array([0.82, 0.78])
+    assert row.split(" | ")[2] == f"{r.mean():.3f} ± {r.std(ddof=1):.3f}"
+    assert "LLL 0.50 [0.10, 0.80] vs density 0.80 (difference -0.30 [-0.40, -0.20])" in text
