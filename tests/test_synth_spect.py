@@ -348,3 +348,34 @@ def test_bad_scatter_settings_are_one_line_errors(where, key, value):
     with pytest.raises(CtpmError) as e:
         make_patient("NC-A-001", "noncancer", "A", s["presets"]["tiny"], physics, 0)
     assert "\n" not in str(e.value) and key.split("_")[0] in str(e.value)
+
+
+def test_ct_realism_sees_a_fissure_as_one_sheet_and_a_tube_as_none():
+    """A 1 mm fissure of +150 HU across a noisy lung block is one sheet of about its area x its
+    thickness; the same block with a vessel instead, or with noise alone, has no sheet of 1 mL."""
+    from ctpm.synth.realism import sheet_numbers
+
+    rng = np.random.default_rng(0)
+    shape = (60, 60, 60)  # 1 mm voxels
+    lungs = np.ones(shape, bool)
+    noise = np.full(shape, -850.0, np.float32) + 25 * rng.standard_normal(shape).astype(np.float32)
+    fissure = noise.copy()
+    X, Y, Z = np.meshgrid(*(np.arange(60.0),) * 3, indexing="ij")
+    fissure[np.abs(Z - 0.5 * X - 15) < 0.6] += 150.0  # an oblique plane, about one voxel thick
+    vessel = noise.copy()
+    vessel[(X - 30) ** 2 + (Y - 30) ** 2 <= 3.0**2] = 40.0
+    f = sheet_numbers(fissure, (1.0, 1.0, 1.0), lungs)
+    assert f["sheet_count"] == 1 and f["sheet_largest_ml"] > 2.0 and f["sheet_share"] > 0.01
+    for other in (noise, vessel):
+        r = sheet_numbers(other, (1.0, 1.0, 1.0), lungs)
+        assert r["sheet_count"] == 0 and r["sheet_share"] == 0.0 and r["sheet_largest_ml"] < 1.0
+
+
+def test_the_realism_table_command(capsys):
+    """``python -m ctpm.synth.realism`` prints one markdown row per CT with every column."""
+    from ctpm.synth.realism import COLUMNS, main
+
+    assert main(["--preset", "tiny", "--patients", "NC-A-001", "LC-B-001", "--no-sheets"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| synthetic `tiny` NC-A-001 |")
+    assert lines[0].count("|") == len(COLUMNS) - 3 + 2  # no sheet columns without sheets
