@@ -205,18 +205,19 @@ def _cell(column: str, v: Any) -> str:
 
 
 def write_table(ab: Ablation) -> Path:
-    """out/ablation.md: a row per seed and variant (variants not yet evaluated are listed as such),
+    """out/ablation.md: a row per seed and variant (those not yet evaluated are listed after it),
     the targets each row meets, the lobe r of every row beside the density baseline's, and, over
     several seeds, the mean ± SD across seeds of every variant."""
     lines = ["| seed | variant | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
     target_lines = ["| seed | variant | " + " | ".join(TARGETS) + " |", "|" + "---|" * (len(TARGETS) + 2)]
     lobe_lines: list[str] = []
+    missing: list[str] = []
     rows: dict[str, list[dict[str, Any]]] = {v: [] for v in ab.variants}
     for seed in ab.seeds:
         for variant in ab.variants:
             folder = Path(ab.out) / f"seed{seed}" / variant
             if not (folder / "summary.json").is_file():
-                lines.append(f"| {seed} | {variant} | " + " | ".join(["not run"] * len(COLUMNS)) + " |")
+                missing.append(f"seed {seed} {variant}")
                 continue
             row = variant_row(folder)
             rows[variant].append(row)
@@ -232,6 +233,8 @@ def write_table(ab: Ablation) -> Path:
                                     if diff else ""))
                 lobe_lines.append(f"- seed {seed}, {variant}: " + "; ".join(parts))
     text = "\n".join(lines) + "\n"
+    if missing:
+        text += "\nNot run (no summary.json yet): " + ", ".join(missing) + ".\n"
     text += ("\nTargets met (point estimate; the intervals are in the table above; *shown*: lobes whose "
              "interval of r(model) - r(density) excludes 0):\n\n" + "\n".join(target_lines) + "\n")
     if lobe_lines:

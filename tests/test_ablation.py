@@ -108,9 +108,23 @@ def test_the_table_states_each_target_and_the_mean_across_seeds(tmp_path):
     assert "| 0 | paper | no | no | no | no |" in lines
     assert any(line.startswith("| 0 | best |") and "5 of 5 (4 shown)" in line for line in lines)  # 0.05 - 0.1 < 0
     assert any(line.startswith("| 1 | paper |") and "4 of 5 (4 shown)" in line for line in lines)
-    assert "| 0 | never | not run |" in text
+    assert "Not run (no summary.json yet): seed 0 never, seed 1 never." in text and "| 0 | never |" not in text
     # mean ± SD across the seeds of each point estimate (best: R 0.82 and 0.78)
     row = next(line for line in lines if line.startswith("| best | 2 |"))
     r = np.array([0.82, 0.78])
     assert row.split(" | ")[2] == f"{r.mean():.3f} ± {r.std(ddof=1):.3f}"
     assert "LLL 0.50 [0.10, 0.80] vs density 0.80 (difference -0.30 [-0.40, -0.20])" in text
+
+
+def test_table_only_writes_the_table_of_what_ran_and_runs_nothing(tmp_path):
+    import json
+
+    from ctpm.cli.ablation import run
+
+    (tmp_path / "seed0" / "paper").mkdir(parents=True)
+    (tmp_path / "seed0" / "paper" / "summary.json").write_text(
+        json.dumps(_summary(0.2, [0.1] * 5, 0.8, 0.8, (0.01, 0.0, 0.02))))
+    cfg = compose("ablation", [f"out={tmp_path}", "table_only=true", "variants=[paper,thorax]", "seeds=[0]"])
+    text = run(cfg).read_text()
+    assert "| 0 | paper |" in text and "Not run (no summary.json yet): seed 0 thorax." in text
+    assert sorted(p.name for p in (tmp_path / "seed0").iterdir()) == ["paper"]  # no cohort, no cache

@@ -1,6 +1,7 @@
 """The model ablation (conf/ablation.yaml): every variant the whole study, over seeds, then the table.
 
     python -m ctpm.cli.ablation out=outputs/ablation 'variants=[paper,psf]'
+    python -m ctpm.cli.ablation out=outputs/ablation table_only=true 'seeds=[0,1,2]'   # the table of what ran
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ctpm.ablation import from_config, run_ablation
+from ctpm.ablation import from_config, run_ablation, write_table
 from ctpm.cli._common import CONF_DIR, command_line, user_errors
 
 
 def run(cfg: DictConfig) -> Path:
-    return run_ablation(from_config(OmegaConf.to_container(cfg, resolve=True)))
+    ab = from_config(OmegaConf.to_container(cfg, resolve=True))
+    return write_table(ab) if cfg.get("table_only") else run_ablation(ab)
 
 
 @command_line("ctpm-ablation")
