@@ -628,12 +628,15 @@ def write_report(result: Mapping[str, Any], out_dir: str | Path, *, labels: Mapp
 SEED_ROWS = tuple(
     [(f"{name}: {METRIC_NAMES[m]}", f"sets.{name}.summary.metrics.{m}.mean")
      for name in ("model", "baseline", "geometry", "density", "truth_psf", "oracle_psf")
-     for m in ("spearman_r", "spearman_r_interior", "dice_high", "dice_low")]
+     for m in ("spearman_r", "spearman_r_interior", "pearson_r", "dice_high", "dice_low", "defect_sensitivity",
+               "defect_precision")]
     + [(f"{name}: mean lobe r", f"sets.{name}.mean_lobe_r.estimate") for name in ("model", "geometry", "density")]
     + [(f"margin over the geometry prior: {METRIC_NAMES[m]}", f"headline.metrics.{m}.margin.estimate")
        for m in ("spearman_r", "spearman_r_interior", "dice_high", "dice_low")]
     + [("margin over the geometry prior: mean lobe r", "headline.metrics.mean_lobe_r.margin.estimate"),
-       ("fine-tuned - pretrained only: Spearman R", "paired.model_vs_baseline.spearman_r.ci.estimate")]
+       ("fine-tuned - pretrained only: Spearman R", "paired.model_vs_baseline.spearman_r.ci.estimate"),
+       ("fine-tuned - pretrained only: interior Spearman R", "paired.model_vs_baseline.spearman_r_interior.ci.estimate"),
+       ("fine-tuned - density baseline: mean lobe r", "lobe_margins.model_vs_density.mean_lobe_r.estimate")]
 )
 
 
