@@ -31,6 +31,8 @@ def test_every_variant_composes_and_builds_its_network(tmp_path):
         nets[variant] = type(hydra.utils.instantiate(cfg.model.net)).__name__
         if variant == "psf":
             assert cfg.model.psf.enabled
+        if variant == "context":  # four context channels after the CT
+            assert len(cfg.data.preprocessing.context_channels) == 4 and cfg.model.net.in_channels == 5
         if variant == "combination":
             assert cfg.model.net.norm == "batch" and cfg.model.psf.enabled and cfg.model.mean_weight > 0
     assert nets["paper"] == "ARNN" and nets["dynunet"] == "DynUNet" and nets["swinunetr"] == "SwinUNETR"
