@@ -130,6 +130,15 @@ def sheet_numbers(hu: np.ndarray, spacing, lungs: np.ndarray, *, grid_mm: float 
             "sheet_largest_ml": float(ml.max()) if ml.size else 0.0, "sheet_count": int(big.size)}
 
 
+def canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A volume in RAS+ array order (x to the patient's right, y anterior, z superior: what
+    ``ct_realism`` and the notebook's views expect) and its voxel sizes (mm)."""
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(array, np.float32), affine))
+    return img.get_fdata(dtype=np.float32), np.asarray(img.header.get_zooms()[:3], float)
+
+
 def summary_row(name: str, r: dict) -> dict:
     """The scalar numbers of ``ct_realism`` as one table row."""
     return {"ct": name, **{k: round(v, 4) for k, v in r.items() if np.isscalar(v)}}
@@ -146,16 +155,10 @@ def realism_table(real_ct: str | None, *, preset: str = "small", patients: tuple
     (truth lobes) as ``ctpm-synth seed=`` draws them."""
     from pathlib import Path
 
-    import nibabel as nib
+    from omegaconf import OmegaConf
 
     from ctpm.conf import conf_dir
     from ctpm.synth import make_patient
-
-    def canonical(array, affine):
-        img = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(array, np.float32), affine))
-        return img.get_fdata(dtype=np.float32), np.asarray(img.header.get_zooms()[:3], float)
-
-    from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(OmegaConf.load(Path(conf_dir()) / "synth.yaml"))
     pre = cfg["presets"][preset]
